@@ -1,0 +1,84 @@
+"""Loading weights files safely: always ``torch.load(..., weights_only=True)``, with clear errors.
+
+A file that carries anything but tensors and plain containers (a pickled object, code) is refused without
+being unpickled; a truncated or corrupt file is an error that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointError(ValueError):
+    """A weights file cannot be used: unsafe, corrupt, or not matching the network."""
+
+
+def load_weights_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors a user can act on."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path!r}: it is not a plain weights file (it holds objects that only a full "
+            f"unpickle could build, which can run arbitrary code). Save a state dict instead "
+            f"(torch.save(model.state_dict(), path)). Detail: {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"cannot read {path!r}: the file is truncated or corrupt ({type(error).__name__}: {error})"
+        ) from None
+
+
+def extract_state_dict(loaded: Any, prefix: str = "student.") -> dict[str, Tensor]:
+    """The network's state dict from a loaded file.
+
+    Accepts a plain state dict, or a Lightning checkpoint of this library (``{"state_dict": ...}``), from
+    which the ``prefix`` entries (by default the student of a :class:`~lightning_kd.DistillationModule`,
+    which is how teachers are trained) are taken with the prefix stripped.
+    """
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"expected a state dict (a dictionary of tensors), found {type(loaded).__name__}")
+    if "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        state = loaded["state_dict"]
+        picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if not picked:
+            raise CheckpointError(
+                f"the Lightning checkpoint has no {prefix!r} entries; its keys start with "
+                f"{sorted({key.split('.')[0] for key in state})}"
+            )
+        return picked
+    return loaded
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, what: str = "model") -> None:
+    """Load a weights file into ``model`` strictly; missing or unexpected keys are a listed error."""
+    state = extract_state_dict(load_weights_file(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{key}: file {tuple(state[key].shape)} vs {what} {tuple(own[key].shape)}"
+        for key in own
+        if key in state and isinstance(state[key], Tensor) and state[key].shape != own[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{path} does not fit the {what} ({type(model).__name__}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(
+                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        if mismatched:
+            lines.append(f"  shape mismatches: {'; '.join(mismatched[:10])}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)

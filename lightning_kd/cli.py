@@ -1,0 +1,43 @@
+"""The ``lightning-kd`` command: LightningCLI over :class:`DistillationModule` and the data modules.
+
+    lightning-kd fit --config configs/digits/kd.yaml
+    lightning-kd fit --config configs/cifar100/pairs/resnet32x4-resnet8x4.yaml --config configs/methods/kd.yaml
+    lightning-kd validate --config configs/digits/kd.yaml --ckpt_path path/to/last.ckpt
+
+Every option of the configs can be overridden on the command line (``--trainer.max_epochs=5``,
+``--model.task_loss_weight=0.1``, ``--data.batch_size=128``); ``lightning-kd fit --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_kd.module import DistillationModule
+
+
+class DistillationCLI(LightningCLI):
+    """LightningCLI with the library's defaults: the digits data, and a config saved beside the logs."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+        parser.set_defaults({"data": {"class_path": "lightning_kd.data.DigitsDataModule"}})
+
+
+def main(args: list[str] | None = None) -> DistillationCLI:
+    """Entry point of the console script."""
+    return DistillationCLI(
+        DistillationModule,
+        L.LightningDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
+

@@ -1,0 +1,128 @@
+"""The :class:`Distiller` base class: one distillation method, small and pluggable.
+
+A distiller
+
+1. names the layers it reads on each side (``student_layers`` / ``teacher_layers``: tap names, see
+   :mod:`lightning_kd.taps`);
+2. builds its learnable parts in :meth:`Distiller.build`, once the :class:`~lightning_kd.DistillationModule`
+   has run a probe forward and knows the feature shapes (so the parts exist before the optimizer is made,
+   and are trained, checkpointed and wrapped by DDP like the student);
+3. turns the two sides' features (and the batch, for methods that need labels or indices) into one scalar
+   loss in :meth:`Distiller.forward`, usually by calling a pure function of :mod:`lightning_kd.functional`.
+
+A distiller never calls a network, never touches the optimizer and never reads the trainer.
+
+Methods with an initialisation stage (AB, FT, FSP) set ``stage_epochs > 0`` and override
+:meth:`Distiller.stage_loss` (and, if needed, :meth:`Distiller.stage_parameters`); see
+:mod:`lightning_kd.stages`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+Batch = dict[str, Any]
+
+
+class Distiller(nn.Module):
+    """Base class of every distillation method.
+
+    Args:
+        weight: the factor of this loss in the total objective
+            ``task_loss_weight * CE + sum(weight_i * L_i)``.
+        student_layers: tap names on the student; ``None`` takes the method's default.
+        teacher_layers: tap names on the teacher; ``None`` takes the method's default (or the student's).
+        name: the name used in logs (``train/<name>``); defaults to the class name in lower case.
+        stage_epochs: length of this method's own initialisation stage, run before the main stage;
+            0 means none. Only methods that define :meth:`stage_loss` accept a positive value.
+    """
+
+    #: default tap names, used when ``student_layers`` / ``teacher_layers`` are not given
+    default_student_layers: tuple[str, ...] = ()
+    default_teacher_layers: tuple[str, ...] | None = None
+    #: whether the loss takes part in the main stage (AB and FSP only train in their initialisation stage)
+    active_in_main: bool = True
+    #: whether the method reads teacher features at all
+    needs_teacher: bool = True
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
+        name: str | None = None,
+        stage_epochs: int = 0,
+    ) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.student_layers = list(student_layers if student_layers is not None else self.default_student_layers)
+        teacher_default = self.default_teacher_layers if self.default_teacher_layers is not None else self.student_layers
+        self.teacher_layers = list(teacher_layers if teacher_layers is not None else teacher_default)
+        self.name = name or type(self).__name__.lower()
+        if stage_epochs < 0:
+            raise ValueError(f"{self.name}: stage_epochs must be >= 0, got {stage_epochs}")
+        if stage_epochs and type(self).stage_loss is Distiller.stage_loss:
+            raise ValueError(f"{type(self).__name__} has no initialisation stage; got stage_epochs={stage_epochs}")
+        self.stage_epochs = int(stage_epochs)
+        #: name of the stage the module is in ("main" or "<name>_init"); set by the module
+        self.stage = "main"
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        """Create the learnable parts from the probe's features (one tensor per layer, batch of 2).
+
+        Called once by the module before any optimizer exists. Raise a clear error here for shapes the
+        method cannot handle. The default builds nothing.
+        """
+
+    # --- the loss -----------------------------------------------------------------------------------------
+    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
+        """Return this method's (unweighted) loss for one batch."""
+        raise NotImplementedError
+
+    # --- stages -------------------------------------------------------------------------------------------
+    def stage_loss(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
+        """The loss of this method's own initialisation stage (only methods with a stage define it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no initialisation stage")
+
+    def stage_parameters(self, student: nn.Module) -> Iterator[nn.Parameter]:
+        """Parameters trained in the initialisation stage.
+
+        Default: this distiller's own parameters and the student's feature layers, i.e. every student
+        parameter except its classifier (``student.feature_paths["classifier"]``).
+        """
+        yield from (p for p in self.parameters() if p.requires_grad)
+        classifier = classifier_of(student)
+        skip = {id(p) for p in classifier.parameters()}
+        yield from (p for p in student.parameters() if id(p) not in skip)
+
+    def main_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of this distiller trained in the main stage (default: all that require grad)."""
+        if self.active_in_main:
+            yield from (p for p in self.parameters() if p.requires_grad)
+
+    def on_stage(self, stage: str) -> None:
+        """Called by the module whenever a stage begins (also when a fit resumes inside one)."""
+        self.stage = stage
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, student_layers={self.student_layers}, teacher_layers={self.teacher_layers}"
+            + (f", stage_epochs={self.stage_epochs}" if self.stage_epochs else "")
+        )
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The final classifier of a network: ``model.feature_paths["classifier"]``, else ``fc`` or ``classifier``."""
+    paths = getattr(model, "feature_paths", {}) or {}
+    modules = dict(model.named_modules())
+    for path in (paths.get("classifier"), "fc", "classifier", "linear", "head"):
+        if path and path in modules:
+            return modules[path]
+    raise ValueError(
+        f"cannot find the classifier of {type(model).__name__}: give the model a feature_paths['classifier'] "
+        "entry naming its final layer"
+    )

@@ -1,0 +1,18 @@
+"""Pure distillation losses: tensors in, a scalar tensor out, no parameters and no state.
+
+One file per method. Every function computes in fp32 (inputs are cast with ``.float()``), so it is safe
+under bf16/fp16 autocast, and returns a finite value for any finite input. Teacher tensors are expected to
+arrive detached; the functions are differentiable in their student arguments. The specification of each
+loss is in the project's METHODS.md; each docstring repeats the formula.
+"""
+
+from lightning_kd.functional._utils import flatten_samples, pool_to_smaller, safe_normalize
+from lightning_kd.functional.kd import kd_loss
+
+# -- seed methods (VID, RKD, PKT, AB, FT) --
+
+# -- CRD benchmark methods (FitNet, AT, SP, CC, FSP, NST) --
+
+# -- CRD --
+
+__all__ = [name for name, value in dict(globals()).items() if not name.startswith("_") and callable(value)]

@@ -1,0 +1,414 @@
+"""The :class:`DistillationModule`: the library's only LightningModule.
+
+It holds a frozen teacher, a trainable student and a list of distillers. One training step::
+
+    student logits, student taps  <- student(images)
+    teacher logits, teacher taps  <- teacher(images)      (no_grad, eval mode, same autocast)
+    loss = task_loss_weight * CE(student logits, labels) + sum_i weight_i * distiller_i(taps)
+
+With no teacher and no distillers it trains the student alone, which is how teachers are trained.
+Lightning does the rest: devices, DDP, precision, checkpointing, logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_kd.checkpoints import load_into
+from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.models import create_model
+from lightning_kd.stages import MAIN, Stage, plan_stages, stage_at
+from lightning_kd.taps import LOGITS, FeatureTaps
+
+log = logging.getLogger(__name__)
+
+TEACHER_PREFIX = "teacher."
+
+
+def reference_sgd(params: Iterable) -> torch.optim.Optimizer:
+    """The CRD benchmark's optimizer: SGD, lr 0.05, momentum 0.9, weight decay 5e-4."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def as_batch(batch: Any) -> Batch:
+    """Accept the library's dictionary batches and plain ``(images, labels, ...)`` tuples alike."""
+    if isinstance(batch, Mapping):
+        if "image" not in batch or "label" not in batch:
+            raise KeyError(f"a batch dictionary needs 'image' and 'label' keys, found {sorted(batch)}")
+        return dict(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        named = {"image": batch[0], "label": batch[1]}
+        if len(batch) > 2:
+            named["index"] = batch[2]
+        if len(batch) > 3:
+            named["contrast_index"] = batch[3]
+        return named
+    raise TypeError(f"expected a batch dictionary or an (images, labels, ...) tuple, found {type(batch).__name__}")
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    modes = [(m, m.training) for m in modules if m is not None]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen teacher into a student with any list of distillers.
+
+    Args:
+        student: the network to train: a module, or a bundled model's name (see
+            :func:`lightning_kd.models.create_model`).
+        teacher: the frozen network to learn from (module or name), or ``None`` to train the student alone.
+        distillers: the distillation methods (:class:`~lightning_kd.distillers.Distiller` objects).
+        task_loss_weight: ``gamma``, the weight of the cross-entropy with the labels.
+        teacher_checkpoint: weights for the teacher: a plain state dict file, or a Lightning checkpoint of
+            this library in which the teacher was trained as a student. Loaded with ``weights_only=True``.
+        num_classes: classifier size for networks built by name.
+        input_size: ``(C, H, W)`` of one input; the probe forward that sizes the distillers' learnable
+            parts uses it.
+        optimizer: builds the optimizer from parameters (default: :func:`reference_sgd`).
+        lr_scheduler: builds the main stage's schedule from the optimizer, stepped once per epoch
+            (default: constant).
+        stage_lr: learning rate of the initialisation stages (default: the optimizer's own).
+        save_teacher: keep the teacher's weights in checkpoints (by default they are left out and rebuilt
+            from ``teacher``/``teacher_checkpoint`` on resume).
+        nan_policy: on a non-finite loss, ``"raise"`` (stop, naming the component and the step),
+            ``"skip"`` (drop the batch and count it in ``train/skipped``; single-device only) or ``"ignore"``.
+    """
+
+    def __init__(
+        self,
+        student: str | nn.Module,
+        teacher: str | nn.Module | None = None,
+        distillers: Sequence[Distiller] = (),
+        task_loss_weight: float = 1.0,
+        teacher_checkpoint: str | None = None,
+        num_classes: int = 100,
+        input_size: tuple[int, int, int] = (3, 32, 32),
+        optimizer: OptimizerCallable = reference_sgd,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        stage_lr: float | None = None,
+        save_teacher: bool = False,
+        nan_policy: Literal["raise", "skip", "ignore"] = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["student", "teacher", "distillers", "optimizer", "lr_scheduler"], logger=False
+        )
+        self.student = create_model(student, num_classes=num_classes) if isinstance(student, str) else student
+        if isinstance(teacher, str):
+            teacher = create_model(teacher, num_classes=num_classes)
+        self.teacher = teacher
+        distillers = list(distillers)
+        if distillers and teacher is None and any(d.needs_teacher for d in distillers):
+            raise ValueError(
+                f"distillers {[d.name for d in distillers]} need a teacher, but teacher is None: pass a teacher "
+                "network (and usually teacher_checkpoint)"
+            )
+        if teacher_checkpoint is not None and teacher is None:
+            raise ValueError("teacher_checkpoint was given but teacher is None: name the teacher network too")
+        _make_names_unique(distillers)
+        self.distillers = nn.ModuleList(distillers)
+        self.task_loss_weight = float(task_loss_weight)
+        self.input_size = tuple(input_size)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.stage_lr = stage_lr
+        self.save_teacher = save_teacher
+        if nan_policy not in ("raise", "skip", "ignore"):
+            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.skipped_batches = 0
+
+        if self.teacher is not None:
+            if teacher_checkpoint is not None:
+                load_into(self.teacher, teacher_checkpoint, what="teacher")
+            elif distillers:
+                log.warning("The teacher has no teacher_checkpoint: distilling from random weights.")
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+
+        self._student_taps = FeatureTaps(self.student, [t for d in distillers for t in d.student_layers])
+        self._teacher_taps = (
+            FeatureTaps(self.teacher, [t for d in distillers for t in d.teacher_layers]) if self.teacher else None
+        )
+        self.num_classes = self._probe_and_build()
+        top5 = min(5, self.num_classes)
+        self.val_acc1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
+        self.test_acc1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
+        self.teacher_acc1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self._teacher_measured = self.teacher is None
+
+        self.stages = plan_stages(distillers)
+        self._stage = self.stages[0]
+        self._idle_params: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------------------
+    def _probe_and_build(self) -> int:
+        """Run both networks once on zeros (eval mode, no grad) and let each distiller build its parts."""
+        probe = torch.zeros(2, *self.input_size)
+        with torch.no_grad(), _eval_mode(self.student, self.teacher):
+            student_features = self._forward(self.student, self._student_taps, probe)
+            teacher_features = self._forward(self.teacher, self._teacher_taps, probe) if self.teacher else {}
+        student_classes = _num_outputs(student_features[LOGITS], "student")
+        if self.teacher is not None:
+            teacher_classes = _num_outputs(teacher_features[LOGITS], "teacher")
+            if teacher_classes != student_classes:
+                raise ValueError(
+                    f"the teacher predicts {teacher_classes} classes but the student {student_classes}: "
+                    "both must be built for the same classes"
+                )
+        for distiller in self.distillers:
+            distiller.build(
+                [student_features[t] for t in distiller.student_layers],
+                [teacher_features[t] for t in distiller.teacher_layers] if self.teacher else [],
+            )
+        return student_classes
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes and data_classes != self.num_classes:
+            raise ValueError(
+                f"the data module has {data_classes} classes but the student predicts {self.num_classes}: "
+                f"set model.num_classes={data_classes} (or build the networks for {data_classes} classes)"
+            )
+        for distiller in self.distillers:
+            check = getattr(distiller, "check_datamodule", None)
+            if check is not None:
+                check(datamodule)
+
+    # ------------------------------------------------------------------------------------------------------
+    # the teacher stays frozen and in eval mode whatever Lightning does
+    # ------------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward passes
+    # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _forward(network: nn.Module, taps: FeatureTaps | None, images: Tensor) -> dict[str, Tensor]:
+        logits = network(images)
+        features = taps.pop() if taps is not None else {}
+        features[LOGITS] = logits
+        return features
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The student's logits (what an exported model computes)."""
+        logits = self.student(images)
+        self._student_taps.features.clear()
+        return logits
+
+    # ------------------------------------------------------------------------------------------------------
+    # stages and optimizers
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def current_stage(self) -> Stage:
+        """The stage the fit is in (``main`` when the methods have no initialisation stage)."""
+        return self._stage
+
+    def _trainable_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        if stage.distiller is not None:
+            params = list(stage.distiller.stage_parameters(self.student))
+        else:
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            for distiller in self.distillers:
+                params += list(distiller.main_parameters())
+        return list({id(p): p for p in params}.values())
+
+    def configure_optimizers(self) -> Any:
+        stage = self._stage
+        for distiller in self.distillers:
+            distiller.on_stage(stage.name)
+        params = self._trainable_parameters(stage)
+        if not params:
+            raise ValueError(f"stage {stage.name!r} has no parameter to train")
+        chosen = {id(p) for p in params}
+        self._idle_params = [p for p in self.parameters() if p.requires_grad and id(p) not in chosen]
+        optimizer = self.optimizer_factory(params)
+        if not stage.is_main:
+            if self.stage_lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.stage_lr
+            return optimizer
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_epoch_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.eval()
+        stage = stage_at(self.stages, self.current_epoch)
+        if stage is not self._stage:
+            log.info("Epoch %d: stage %r begins (fresh optimizer).", self.current_epoch, stage.name)
+            self._stage = stage
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        if len(self.stages) > 1:
+            self.log("train/stage", float(self.stages.index(self._stage)), on_step=False, on_epoch=True)
+        optimizers = self.trainer.optimizers
+        if optimizers:
+            self.log("train/lr", float(optimizers[0].param_groups[0]["lr"]), on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------------------
+    def _teacher_needed(self, stage: Stage) -> bool:
+        if self.teacher is None:
+            return False
+        if stage.distiller is not None:
+            return stage.distiller.needs_teacher
+        return any(d.active_in_main and d.needs_teacher for d in self.distillers)
+
+    def compute_losses(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The loss components of one training batch and their weights, for the current stage."""
+        stage = self._stage
+        images = batch["image"]
+        student = self._forward(self.student, self._student_taps, images)
+        teacher: dict[str, Tensor] = {}
+        if self._teacher_needed(stage):
+            with torch.no_grad():
+                teacher = self._forward(self.teacher, self._teacher_taps, images)
+        elif self._teacher_taps is not None:
+            self._teacher_taps.features.clear()
+
+        def features(distiller: Distiller) -> tuple[list[Tensor], list[Tensor]]:
+            return (
+                [student[t] for t in distiller.student_layers],
+                [teacher[t] for t in distiller.teacher_layers] if teacher else [],
+            )
+
+        losses: dict[str, Tensor] = {}
+        weights: dict[str, float] = {}
+        if stage.distiller is not None:
+            losses[stage.name] = stage.distiller.stage_loss(*features(stage.distiller), batch)
+            weights[stage.name] = 1.0
+            return losses, weights
+        if self.task_loss_weight:
+            losses["ce"] = F.cross_entropy(student[LOGITS].float(), batch["label"])
+            weights["ce"] = self.task_loss_weight
+        for distiller in self.distillers:
+            if distiller.active_in_main and distiller.weight:
+                losses[distiller.name] = distiller(*features(distiller), batch)
+                weights[distiller.name] = distiller.weight
+        return losses, weights
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        batch = as_batch(batch)
+        losses, weights = self.compute_losses(batch)
+        loss = sum(weights[name] * value for name, value in losses.items())
+        if self._idle_params and self.trainer.world_size > 1:
+            # parameters outside this stage get a zero gradient, so DDP needs no find_unused_parameters
+            loss = loss + sum(p.reshape(-1)[0] for p in self._idle_params) * 0.0
+        if self.nan_policy != "ignore" and not torch.isfinite(loss):
+            bad = [name for name, value in losses.items() if not torch.isfinite(value)] or ["total"]
+            if self.nan_policy == "raise":
+                raise FloatingPointError(
+                    f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
+                    f"stage {self._stage.name!r}) from component(s) {bad}: "
+                    + ", ".join(f"{n}={float(v):.4g}" for n, v in losses.items())
+                )
+            self.skipped_batches += 1
+            self.log("train/skipped", float(self.skipped_batches), on_step=True, on_epoch=False)
+            log.warning("Skipping batch %d: non-finite loss from %s", batch_idx, bad)
+            return None
+        batch_size = batch["label"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=len(losses) > 1, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------------------
+    def _evaluate(self, batch: Any, prefix: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy) -> None:
+        batch = as_batch(batch)
+        images, labels = batch["image"], batch["label"]
+        logits = self(images)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits.float(), labels), batch_size=labels.shape[0])
+        acc1(logits, labels)
+        acc5(logits, labels)
+        self.log(f"{prefix}/acc1", acc1, prog_bar=True)
+        self.log(f"{prefix}/acc5", acc5)
+        if prefix == "val" and not self._teacher_measured and not self.trainer.sanity_checking:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            if self._teacher_taps is not None:
+                self._teacher_taps.features.clear()
+            self.teacher_acc1(teacher_logits, labels)
+            self.log("val/teacher_acc1", self.teacher_acc1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc1, self.val_acc5)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._teacher_measured = True
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc1, self.test_acc5)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints and export
+    # ------------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.save_teacher:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+                del state[key]
+        checkpoint["lightning_kd"] = {"stage": self._stage.name, "teacher_saved": self.save_teacher}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if self.teacher is not None and not any(k.startswith(TEACHER_PREFIX) for k in state):
+            # the teacher was left out of the checkpoint: keep the one rebuilt from its source
+            state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
+        self._stage = stage_at(self.stages, int(checkpoint.get("epoch", 0)))
+
+    def export_student(self, path: str | os.PathLike) -> None:
+        """Write the student alone as a plain state dict (load it with ``weights_only=True``)."""
+        torch.save({k: v.detach().cpu() for k, v in self.student.state_dict().items()}, path)
+
+
+def _num_outputs(logits: Tensor, who: str) -> int:
+    if logits.dim() != 2:
+        raise ValueError(f"the {who} must return (batch, classes) logits, returned shape {tuple(logits.shape)}")
+    return int(logits.shape[1])
+
+
+def _make_names_unique(distillers: list[Distiller]) -> None:
+    seen: dict[str, int] = {}
+    for distiller in distillers:
+        count = seen.get(distiller.name, 0)
+        seen[distiller.name] = count + 1
+        if count:
+            distiller.name = f"{distiller.name}_{count + 1}"
+    reserved = {"ce", "loss", MAIN}
+    clash = [d.name for d in distillers if d.name in reserved]
+    if clash:
+        raise ValueError(f"distiller names {clash} clash with the module's own log names {sorted(reserved)}")

@@ -1,0 +1,109 @@
+"""Feature taps: forward hooks that capture intermediate tensors by module path.
+
+A *tap* names a point inside a network:
+
+- ``"layer3"``: the output of the sub-module ``layer3`` (any path of ``model.named_modules()``);
+- ``"fc:input"``: the (first) input of ``fc``; for the bundled models that is the pooled embedding;
+- ``"logits"``: the network's own output (no hook is needed);
+- a symbolic name such as ``"stage2"``, ``"preact3"`` or ``"embedding"``, looked up in the model's
+  ``feature_paths`` dictionary (every bundled model has one; see :mod:`lightning_kd.models`).
+
+Example:
+    >>> import torch
+    >>> from lightning_kd.models import create_model
+    >>> net = create_model("resnet8", num_classes=10)
+    >>> taps = FeatureTaps(net, ["stage3", "embedding"])
+    >>> logits = net(torch.zeros(2, 3, 32, 32))
+    >>> {name: tuple(t.shape) for name, t in taps.pop().items()}
+    {'stage3': (2, 64, 8, 8), 'embedding': (2, 64)}
+    >>> taps.remove()
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+LOGITS = "logits"
+INPUT_SUFFIX = ":input"
+
+
+class TapError(ValueError):
+    """A tap names a point that does not exist in the network."""
+
+
+def resolve_tap(model: nn.Module, tap: str) -> tuple[str, bool]:
+    """Turn a tap name into ``(module_path, capture_input)``; raises :class:`TapError` if unknown.
+
+    Symbolic names are looked up in ``model.feature_paths`` first. ``"logits"`` resolves to ``("", False)``
+    and is captured from the network's return value rather than by a hook.
+    """
+    if tap == LOGITS:
+        return "", False
+    feature_paths: dict[str, str] = getattr(model, "feature_paths", {}) or {}
+    path = feature_paths.get(tap, tap)
+    capture_input = path.endswith(INPUT_SUFFIX)
+    if capture_input:
+        path = path[: -len(INPUT_SUFFIX)]
+    modules = dict(model.named_modules())
+    if path not in modules or path == "":
+        known = [name for name in modules if name] + list(feature_paths)
+        close = difflib.get_close_matches(path, known, n=5, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        symbolic = f" Symbolic names of this model: {', '.join(feature_paths)}." if feature_paths else ""
+        raise TapError(
+            f"No module {path!r} in {type(model).__name__} (tap {tap!r}).{hint}{symbolic} "
+            f"Use a path from model.named_modules(), optionally with {INPUT_SUFFIX!r}, or {LOGITS!r}."
+        )
+    return path, capture_input
+
+
+class FeatureTaps:
+    """Forward hooks on one network that store the tensors of the named taps during each forward.
+
+    The hooks stay attached until :meth:`remove`; each forward overwrites the stored tensors, and
+    :meth:`pop` hands them over (and forgets them, so no graph is kept alive between steps).
+    ``"logits"`` is not hooked: the caller adds the network's output itself.
+    """
+
+    def __init__(self, model: nn.Module, taps: Iterable[str]) -> None:
+        self.features: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        modules = dict(model.named_modules())
+        for tap in dict.fromkeys(taps):  # unique, in order
+            path, capture_input = resolve_tap(model, tap)
+            if not path:
+                continue
+            self._handles.append(self._attach(modules[path], tap, capture_input))
+
+    def _attach(self, module: nn.Module, tap: str, capture_input: bool) -> torch.utils.hooks.RemovableHandle:
+        return module.register_forward_hook(_Capture(self.features, tap, capture_input))
+
+    def pop(self) -> dict[str, Tensor]:
+        """Return the tensors captured by the last forward and forget them."""
+        features = dict(self.features)
+        self.features.clear()
+        return features
+
+    def remove(self) -> None:
+        """Detach every hook; the network is left exactly as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.features.clear()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+class _Capture:
+    """The hook itself: a small picklable object (``ddp_spawn`` pickles the module with its hooks)."""
+
+    def __init__(self, store: dict[str, Tensor], tap: str, capture_input: bool) -> None:
+        self.store, self.tap, self.capture_input = store, tap, capture_input
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.store[self.tap] = args[0] if self.capture_input else output
