@@ -25,8 +25,13 @@ class DistillationCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "lightning_kd.data.DigitsDataModule"}})
 
 
-def main(args: list[str] | None = None) -> DistillationCLI:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the console script."""
+    run_cli(args)
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
+    """Build (and by default run) the CLI on ``args``; returns it, so callers can read its trainer and model."""
     return DistillationCLI(
         DistillationModule,
         L.LightningDataModule,
@@ -35,6 +40,7 @@ def main(args: list[str] | None = None) -> DistillationCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
