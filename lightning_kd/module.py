@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -32,6 +35,8 @@ from lightning_kd.stages import MAIN, Stage, plan_stages, stage_at
 from lightning_kd.taps import LOGITS, FeatureTaps
 
 log = logging.getLogger(__name__)
+# the frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 TEACHER_PREFIX = "teacher."
 
@@ -381,7 +386,12 @@ class DistillationModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
                 del state[key]
-        checkpoint["lightning_kd"] = {"stage": self._stage.name, "teacher_saved": self.save_teacher}
+        checkpoint["lightning_kd"] = {
+            "stage": self._stage.name,
+            "teacher_saved": self.save_teacher,
+            "skipped_batches": self.skipped_batches,
+            "rng": _rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -389,10 +399,33 @@ class DistillationModule(L.LightningModule):
             # the teacher was left out of the checkpoint: keep the one rebuilt from its source
             state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
         self._stage = stage_at(self.stages, int(checkpoint.get("epoch", 0)))
+        own = checkpoint.get("lightning_kd", {})
+        self.skipped_batches = int(own.get("skipped_batches", 0))
+        if "rng" in own:  # a resumed fit draws the same shuffles and augmentations as an uninterrupted one
+            _set_rng_states(own["rng"])
 
     def export_student(self, path: str | os.PathLike) -> None:
         """Write the student alone as a plain state dict (load it with ``weights_only=True``)."""
         torch.save({k: v.detach().cpu() for k, v in self.student.state_dict().items()}, path)
+
+
+def _rng_states() -> dict[str, Any]:
+    """The CPU random states (torch, Python, NumPy) as tensors, so ``weights_only`` loading accepts them."""
+    numpy_state = np.random.get_state()
+    _, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": python_gauss,
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate((3, tuple(int(v) for v in states["python"].tolist()), states["python_gauss"]))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
 
 
 def _num_outputs(logits: Tensor, who: str) -> int:

@@ -31,3 +31,20 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def make_trainer(**overrides):
+    """A quiet single-CPU Trainer for tests (no logger, no checkpoints, no progress bar unless asked)."""
+    import lightning as L
+
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(overrides)
+    return L.Trainer(**options)

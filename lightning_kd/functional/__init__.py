@@ -6,10 +6,15 @@ arrive detached; the functions are differentiable in their student arguments. Th
 loss is in the project's METHODS.md; each docstring repeats the formula.
 """
 
-from lightning_kd.functional._utils import flatten_samples, pool_to_smaller, safe_normalize
+from lightning_kd.functional._utils import as_float, flatten_samples, pool_to_smaller, safe_normalize
 from lightning_kd.functional.kd import kd_loss
 
 # -- seed methods (VID, RKD, PKT, AB, FT) --
+from lightning_kd.functional.ab import ab_loss
+from lightning_kd.functional.ft import ft_loss
+from lightning_kd.functional.pkt import pkt_loss
+from lightning_kd.functional.rkd import rkd_loss
+from lightning_kd.functional.vid import vid_loss
 
 # -- CRD benchmark methods (FitNet, AT, SP, CC, FSP, NST) --
 

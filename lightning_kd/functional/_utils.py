@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -41,6 +42,11 @@ def check_batch(student: Tensor, teacher: Tensor) -> None:
         )
 
 
+def as_float(x: Tensor) -> Tensor:
+    """``x`` in at least fp32: half and bf16 become fp32, fp64 stays fp64 (so ``gradcheck`` works)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def flatten_samples(x: Tensor) -> Tensor:
-    """``(B, ...)`` to ``(B, D)`` in fp32."""
-    return x.reshape(x.shape[0], -1).float()
+    """``(B, ...)`` to ``(B, D)`` in at least fp32."""
+    return as_float(x.reshape(x.shape[0], -1))

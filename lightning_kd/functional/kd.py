@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.functional._utils import check_batch
+from lightning_kd.functional._utils import as_float, check_batch
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -31,7 +31,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"KD needs logits of the same shape, got student {tuple(student_logits.shape)} "
             f"and teacher {tuple(teacher_logits.shape)}: do the two networks have the same number of classes?"
         )
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_s = F.log_softmax(as_float(student_logits) / temperature, dim=1)
+    log_p_t = F.log_softmax(as_float(teacher_logits) / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
     return kl * temperature**2
