@@ -336,7 +336,7 @@ class DistillationModule(L.LightningModule):
                 raise FloatingPointError(
                     f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, "
                     f"stage {self._stage.name!r}) from component(s) {bad}: "
-                    + ", ".join(f"{n}={float(v):.4g}" for n, v in losses.items())
+                    + ", ".join(f"{n}={float(v.detach()):.4g}" for n, v in losses.items())
                 )
             self.skipped_batches += 1
             self.log("train/skipped", float(self.skipped_batches), on_step=True, on_epoch=False)
