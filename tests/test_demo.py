@@ -1,0 +1,22 @@
+"""The main job in its quick mode: every run goes through the CLI, the table and the plot are written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_quick_mode_writes_table_and_plot(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_kd.demo", "--output", str(out), "--methods", "kd",
+         "--epochs", "1", "--limit-batches", "2"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "results.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["teacher", "student alone", "kd"]
+    assert (out / "results.png").stat().st_size > 10_000
+    assert (tmp_path / "outputs/digits/teacher/teacher.ckpt").exists()  # the teacher is cached for next time
+    assert "| kd |" in result.stdout
