@@ -25,6 +25,120 @@ class LinearEmbed(nn.Module):
 
 
 # -- seed methods (VID regressor, AB connector, FT paraphraser and translator) --
+class VIDRegressor(nn.Module):
+    """VID's predictor of the teacher map: the mean ``mu`` and a per-channel variance.
+
+    ``mu = conv1x1(relu(conv1x1(relu(conv1x1(f_s)))))`` (``C_s -> C_mid -> C_mid -> C_t``, no biases), and
+    ``var = softplus(alpha) + eps`` with ``alpha`` set so that ``var = init_variance`` at the start
+    (``torch.nn.functional.softplus`` is stable for large ``alpha``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        mid_channels: int | None = None,
+        init_variance: float = 5.0,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if init_variance <= eps:
+            raise ValueError(f"VID init_variance must exceed eps={eps}, got {init_variance}")
+        mid = mid_channels or out_channels
+        self.regressor = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(mid, out_channels, 1, bias=False),
+        )
+        target = torch.tensor(init_variance - eps, dtype=torch.float64)
+        inverse_softplus = float(target + torch.log(-torch.expm1(-target)))
+        self.alpha = nn.Parameter(torch.full((out_channels,), inverse_softplus))
+        self.eps = eps
+
+    def variance(self) -> Tensor:
+        """``(C_t,)`` per-channel variance, fp32."""
+        return torch.nn.functional.softplus(self.alpha.float()) + self.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.regressor(x)
+
+
+class ABConnector(nn.Module):
+    """AB's map from the student's pre-activations to the teacher's channels.
+
+    The identity when the channel counts agree, else a 1x1 conv (no bias) and BatchNorm.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        if in_channels == out_channels:
+            self.net: nn.Module = nn.Identity()
+        else:
+            conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            self.net = nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _conv_block(conv: nn.Module, channels: int, use_bn: bool) -> list[nn.Module]:
+    return [conv, nn.BatchNorm2d(channels) if use_bn else nn.Identity(), nn.LeakyReLU(0.1)]
+
+
+class Paraphraser(nn.Module):
+    """FT's teacher-side auto-encoder.
+
+    Encoder: conv3x3 ``C -> C``, ``C -> kC``, ``kC -> kC``; decoder the mirror image with transposed convs
+    (``kC -> kC``, ``kC -> C``, ``C -> C``); LeakyReLU(0.1) after each, BatchNorm before it if ``use_bn``
+    (the benchmark's default is without). ``k`` is the paraphrase rate.
+    """
+
+    def __init__(self, channels: int, rate: float = 0.5, use_bn: bool = False) -> None:
+        super().__init__()
+        if rate <= 0:
+            raise ValueError(f"FT paraphrase rate must be positive, got {rate}")
+        factor = max(1, int(channels * rate))
+        self.factor_channels = factor
+        bias = not use_bn
+        self.encoder = nn.Sequential(
+            *_conv_block(nn.Conv2d(channels, channels, 3, 1, 1, bias=bias), channels, use_bn),
+            *_conv_block(nn.Conv2d(channels, factor, 3, 1, 1, bias=bias), factor, use_bn),
+            *_conv_block(nn.Conv2d(factor, factor, 3, 1, 1, bias=bias), factor, use_bn),
+        )
+        self.decoder = nn.Sequential(
+            *_conv_block(nn.ConvTranspose2d(factor, factor, 3, 1, 1, bias=bias), factor, use_bn),
+            *_conv_block(nn.ConvTranspose2d(factor, channels, 3, 1, 1, bias=bias), channels, use_bn),
+            *_conv_block(nn.ConvTranspose2d(channels, channels, 3, 1, 1, bias=bias), channels, use_bn),
+        )
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The teacher factor ``F_t``: ``(B, C, H, W) -> (B, kC, H, W)``."""
+        return self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction of ``x``."""
+        return self.decoder(self.encoder(x))
+
+
+class Translator(nn.Module):
+    """FT's student-side encoder: conv3x3 ``C_s -> C_s``, ``C_s -> C_out``, ``C_out -> C_out``, each followed
+    by BatchNorm (if ``use_bn``) and LeakyReLU(0.1); ``C_out`` is the paraphraser's factor size."""
+
+    def __init__(self, in_channels: int, out_channels: int, use_bn: bool = True) -> None:
+        super().__init__()
+        bias = not use_bn
+        self.encoder = nn.Sequential(
+            *_conv_block(nn.Conv2d(in_channels, in_channels, 3, 1, 1, bias=bias), in_channels, use_bn),
+            *_conv_block(nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=bias), out_channels, use_bn),
+            *_conv_block(nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=bias), out_channels, use_bn),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
 
 # -- CRD benchmark methods (FitNet connector) --
 

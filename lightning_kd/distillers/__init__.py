@@ -5,6 +5,11 @@ from lightning_kd.distillers.kd import KD
 
 
 # -- seed methods (VID, RKD, PKT, AB, FT) --
+from lightning_kd.distillers.ab import AB
+from lightning_kd.distillers.ft import FT
+from lightning_kd.distillers.pkt import PKT
+from lightning_kd.distillers.rkd import RKD
+from lightning_kd.distillers.vid import VID
 
 # -- CRD benchmark methods (FitNet, AT, SP, CC, FSP, NST) --
 

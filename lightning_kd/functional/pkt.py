@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_kd.functional._utils import check_batch, flatten_samples, safe_normalize
@@ -33,6 +34,7 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
         0.0
     """
     check_batch(student, teacher)
-    p_s = _conditional_probabilities(student)
-    p_t = _conditional_probabilities(teacher)
-    return (p_t * ((p_t + eps) / (p_s + eps)).log()).mean()
+    with torch.autocast(student.device.type, enabled=False):  # the similarity products stay in fp32
+        p_s = _conditional_probabilities(student)
+        p_t = _conditional_probabilities(teacher)
+        return (p_t * ((p_t + eps) / (p_s + eps)).log()).mean()

@@ -59,14 +59,15 @@ def rkd_loss(student: Tensor, teacher: Tensor, distance_weight: float = 25.0, an
         True
     """
     check_batch(student, teacher)
-    s = flatten_samples(student)
-    t = flatten_samples(teacher)
-    diff_s, diff_t = _differences(s), _differences(t)
-    loss = s.new_zeros(())
-    if distance_weight:
-        loss = loss + distance_weight * F.smooth_l1_loss(
-            _normalized_distances(diff_s), _normalized_distances(diff_t), beta=1.0
-        )
-    if angle_weight:
-        loss = loss + angle_weight * F.smooth_l1_loss(_angles(diff_s), _angles(diff_t), beta=1.0)
+    with torch.autocast(student.device.type, enabled=False):  # the angles' matrix products stay in fp32
+        s = flatten_samples(student)
+        t = flatten_samples(teacher)
+        diff_s, diff_t = _differences(s), _differences(t)
+        loss = s.new_zeros(())
+        if distance_weight:
+            loss = loss + distance_weight * F.smooth_l1_loss(
+                _normalized_distances(diff_s), _normalized_distances(diff_t), beta=1.0
+            )
+        if angle_weight:
+            loss = loss + angle_weight * F.smooth_l1_loss(_angles(diff_s), _angles(diff_t), beta=1.0)
     return loss

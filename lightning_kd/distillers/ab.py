@@ -1,0 +1,76 @@
+"""AB: Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons"."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_kd.connectors import ABConnector
+from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.functional import ab_loss
+
+
+def ab_layer_weights(num_layers: int) -> list[float]:
+    """Weight ``2^(i - n + 1)`` of layer ``i`` of ``n``: ``[0.25, 0.5, 1.0]`` for three layers."""
+    return [2.0 ** (i - num_layers + 1) for i in range(num_layers)]
+
+
+class AB(Distiller):
+    """Transfer the teacher's activation boundaries in an initialisation stage, then train with CE alone.
+
+    Reads the **pre-activation** maps (before each stage's final ReLU) on both sides. A connector per layer
+    (:class:`~lightning_kd.connectors.ABConnector`: identity when the channels agree, else 1x1 conv + BN)
+    maps the student's map to the teacher's channels; a spatially larger map is pooled to the smaller.
+    Loss ``3/1000 * sum_i 2^(i - n + 1) * ab_loss(connector_i(s_i), t_i)``
+    (:func:`~lightning_kd.functional.ab_loss`).
+
+    The loss trains only in this method's initialisation stage (``stage_epochs``, reference 30), which
+    updates the connectors and the student's feature layers, not its classifier; the main stage is then
+    plain cross-entropy from that initialisation (``active_in_main`` is False, so ``weight`` is unused).
+
+    Args:
+        margin: the margin ``m``.
+        scale: the factor of the weighted sum (reference ``3 / 1000``).
+        stage_epochs: length of the initialisation stage; must be positive.
+        weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to
+            ``preact1``..``preact3`` on both sides).
+    """
+
+    default_student_layers = ("preact1", "preact2", "preact3")
+    active_in_main = False
+
+    def __init__(
+        self, margin: float = 1.0, scale: float = 3.0 / 1000.0, weight: float = 1.0, stage_epochs: int = 30, **kwargs
+    ) -> None:
+        super().__init__(weight=weight, stage_epochs=stage_epochs, **kwargs)
+        if self.stage_epochs <= 0:
+            raise ValueError(
+                f"AB trains only in its initialisation stage, so stage_epochs must be positive, got {stage_epochs}"
+            )
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(
+                f"AB pairs layers one to one, got {len(self.student_layers)} student layers {self.student_layers} "
+                f"and {len(self.teacher_layers)} teacher layers {self.teacher_layers}"
+            )
+        self.margin = float(margin)
+        self.scale = float(scale)
+        self.layer_weights = ab_layer_weights(len(self.student_layers))
+        self.connectors = nn.ModuleList()
+
+    def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        for s_name, t_name, s, t in zip(self.student_layers, self.teacher_layers, student_features, teacher_features):
+            if s.dim() != 4 or t.dim() != 4:
+                raise ValueError(
+                    f"AB needs (B, C, H, W) pre-activation maps, got student {s_name!r} {tuple(s.shape)} and teacher "
+                    f"{t_name!r} {tuple(t.shape)}: choose convolutional layers such as 'preact1'"
+                )
+        self.connectors = nn.ModuleList(ABConnector(s.shape[1], t.shape[1]) for s, t in zip(student_features, teacher_features))
+
+    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
+        losses = [
+            w * ab_loss(connector(s), t, self.margin)
+            for w, connector, s, t in zip(self.layer_weights, self.connectors, student_features, teacher_features)
+        ]
+        return self.scale * sum(losses)
+
+    def stage_loss(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
+        return self(student_features, teacher_features, batch)
