@@ -1,6 +1,15 @@
 """The CIFAR model zoo. Build by name with :func:`create_model`; tap points are in ``model.feature_paths``."""
 
-from lightning_kd.models import resnet  # noqa: F401  (registers the models)
+# importing a family registers its models
+from lightning_kd.models import (  # noqa: F401
+    mobilenetv2,
+    resnet,
+    resnet50,
+    shufflenetv1,
+    shufflenetv2,
+    vgg,
+    wrn,
+)
 from lightning_kd.models.registry import create_model, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model"]
