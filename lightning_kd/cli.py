@@ -15,6 +15,7 @@ import sys
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_kd.callbacks import DistillationProgressBar
 from lightning_kd.module import DistillationModule
 
 
@@ -23,6 +24,15 @@ class DistillationCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.set_defaults({"data": {"class_path": "lightning_kd.data.DigitsDataModule"}})
+
+    def before_instantiate_classes(self) -> None:
+        """Add the library's progress bar unless progress bars are off or the config brings its own."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer", {})
+        callbacks = trainer.get("callbacks") or []
+        own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        if trainer.get("enable_progress_bar") is not False and not own_bar:
+            self.trainer_defaults["callbacks"] = [DistillationProgressBar()]
 
 
 def main(args: list[str] | None = None) -> None:

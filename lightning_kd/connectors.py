@@ -141,4 +141,44 @@ class Translator(nn.Module):
 
 
 # -- CRD benchmark methods (FitNet connector) --
+class HintRegressor(nn.Module):
+    """FitNet's regressor: maps a ``(B, C_s, H_s, W_s)`` student map to the teacher's ``(B, C_t, H_t, W_t)``.
+
+    conv + BN + ReLU, the conv chosen from the spatial sizes (height and width must agree on the case):
+
+    - student twice the teacher's size: 3x3 conv, stride 2, padding 1;
+    - student half the teacher's size: 4x4 transposed conv, stride 2, padding 1;
+    - equal sizes: 1x1 conv.
+
+    Any other pair of sizes raises a ``ValueError`` naming both shapes.
+    """
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        if len(student_shape) != 4 or len(teacher_shape) != 4:
+            raise ValueError(
+                f"the FitNet regressor needs (B, C, H, W) maps, got student {tuple(student_shape)} and teacher "
+                f"{tuple(teacher_shape)}: choose convolutional layers for the hint"
+            )
+        (_, c_s, h_s, w_s), (_, c_t, h_t, w_t) = student_shape, teacher_shape
+        conv: nn.Module
+        if (h_s, w_s) == (h_t, w_t):
+            conv = nn.Conv2d(c_s, c_t, kernel_size=1)
+        elif (h_s, w_s) == (2 * h_t, 2 * w_t):
+            conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
+        elif (2 * h_s, 2 * w_s) == (h_t, w_t):
+            conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
+        else:
+            raise ValueError(
+                f"the FitNet regressor maps a student map to a teacher map of the same, half or twice its spatial "
+                f"size; got student {tuple(student_shape)} and teacher {tuple(teacher_shape)}: choose hint layers "
+                "whose sizes match that way"
+            )
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(c_t)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
 

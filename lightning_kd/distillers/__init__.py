@@ -12,6 +12,12 @@ from lightning_kd.distillers.rkd import RKD
 from lightning_kd.distillers.vid import VID
 
 # -- CRD benchmark methods (FitNet, AT, SP, CC, FSP, NST) --
+from lightning_kd.distillers.at import AT
+from lightning_kd.distillers.cc import CC
+from lightning_kd.distillers.fitnet import FitNet
+from lightning_kd.distillers.fsp import FSP
+from lightning_kd.distillers.nst import NST
+from lightning_kd.distillers.sp import SP
 
 # -- CRD --
 

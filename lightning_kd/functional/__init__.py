@@ -17,6 +17,12 @@ from lightning_kd.functional.rkd import rkd_loss
 from lightning_kd.functional.vid import vid_loss
 
 # -- CRD benchmark methods (FitNet, AT, SP, CC, FSP, NST) --
+from lightning_kd.functional.at import at_loss, attention_map
+from lightning_kd.functional.cc import cc_loss
+from lightning_kd.functional.fsp import fsp_loss, fsp_matrix
+from lightning_kd.functional.hint import hint_loss
+from lightning_kd.functional.nst import mean_polynomial_kernel, nst_loss
+from lightning_kd.functional.sp import similarity_matrix, sp_loss
 
 # -- CRD --
 
