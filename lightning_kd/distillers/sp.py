@@ -1,0 +1,30 @@
+"""SP: Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation"."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_kd.distillers.at import _check_pairs
+from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.functional import sp_loss
+
+
+class SP(Distiller):
+    """Similarity preservation: ``||G_s - G_t||_F^2 / B^2`` with ``G = normalize_rows(f f^T)`` per layer pair.
+
+    Reference (CRD benchmark, CIFAR-100): the last conv map (``stage3`` of the CIFAR ResNets), ``weight=3000``.
+    A relational loss: it compares the samples of the per-device batch.
+
+    Args:
+        weight, student_layers, teacher_layers, name: see :class:`Distiller` (default layer ``stage3``);
+            several layer pairs are summed.
+    """
+
+    default_student_layers = ("stage3",)
+
+    def __init__(self, weight: float = 3000.0, **kwargs) -> None:
+        super().__init__(weight=weight, **kwargs)
+        _check_pairs(self)
+
+    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
+        return sum(sp_loss(s, t) for s, t in zip(student_features, teacher_features))
