@@ -130,7 +130,7 @@ def build_commands(
 
     available_pairs = _ordered([p.stem for p in pair_dir.glob("*.yaml")], PAIR_ORDER)
     chosen_pairs = _select(available_pairs, pairs, "pair")
-    available_methods = _ordered([p.stem for p in method_dir.glob("*.yaml")], METHOD_ORDER) if method_dir.is_dir() else []
+    available_methods = _ordered([p.stem for p in method_dir.glob("*.yaml")], METHOD_ORDER)
     chosen_methods = _select(available_methods, methods, "method")
     models = {pair: _read_model_section(pair_dir / f"{pair}.yaml") for pair in chosen_pairs}
     seed_args = (f"--seed_everything={seed}",) if seed is not None else ()

@@ -171,7 +171,9 @@ def test_reproduce_lists_the_table(configs: Path) -> None:
     assert sorted(c.label for c in students) == sorted({s for _, s in PAIRS})
     fsp_na = reproduce.NOT_APPLICABLE["fsp"]
     assert len(fsp_na) == 7
-    expected = [f"{t}-{s} {m}" for t, s in PAIRS for m in ("kd", "fsp", "crd") if not (m == "fsp" and f"{t}-{s}" in fsp_na)]
+    expected = [
+        f"{t}-{s} {m}" for t, s in PAIRS for m in ("kd", "fsp", "crd") if not (m == "fsp" and f"{t}-{s}" in fsp_na)
+    ]
     assert [c.label for c in cells] == expected  # table order, methods in the table's order
     assert len(cells) == 13 * 3 - 7
     for command in teachers + cells:

@@ -51,7 +51,13 @@ _VGG = {
 
 def _wrn_shapes(widen: int) -> dict[str, tuple[int, ...]]:
     c1, c2, c3 = _WRN[widen]
-    return {"stem": (16, 32, 32), "stage1": (c1, 32, 32), "stage2": (c2, 16, 16), "stage3": (c3, 8, 8), "embedding": (c3,)}
+    return {
+        "stem": (16, 32, 32),
+        "stage1": (c1, 32, 32),
+        "stage2": (c2, 16, 16),
+        "stage3": (c3, 8, 8),
+        "embedding": (c3,),
+    }
 
 
 EXPECTED_SHAPES = {
@@ -250,7 +256,8 @@ def test_num_classes() -> None:
 
 
 @pytest.mark.parametrize(
-    "wrong, suggestion", [("wrn_40_3", "wrn_40_2"), ("vgg14", "vgg13"), ("ShuffleV3", "ShuffleV1"), ("ResNet56", "resnet56")]
+    "wrong, suggestion",
+    [("wrn_40_3", "wrn_40_2"), ("vgg14", "vgg13"), ("ShuffleV3", "ShuffleV1"), ("ResNet56", "resnet56")],
 )
 def test_unknown_name_names_close_matches(wrong: str, suggestion: str) -> None:
     with pytest.raises(ValueError, match="Did you mean") as info:
