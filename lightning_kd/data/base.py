@@ -1,0 +1,126 @@
+"""What every data module of the library shares: dictionary batches and the data loaders.
+
+A batch is a dictionary: ``image`` (B, C, H, W), ``label`` (B,), and, when the data module is asked for
+them, ``index`` (B,) (each sample's position in the training set; CRD's memory bank needs it) and
+``contrast_index`` (B, K + 1) (CRD's positive and K negatives, see :mod:`lightning_kd.data.contrast`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_kd.data.contrast import ContrastiveDataset
+
+
+class DictDataset(Dataset):
+    """Wrap a dataset of ``(image, label)`` pairs so that it yields dictionaries (optionally with the index)."""
+
+    def __init__(self, dataset: Dataset, return_index: bool = False) -> None:
+        self.dataset = dataset
+        self.return_index = return_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.dataset[index]
+        sample = {"image": image, "label": torch.as_tensor(label, dtype=torch.long)}
+        if self.return_index:
+            sample["index"] = torch.as_tensor(index, dtype=torch.long)
+        return sample
+
+
+def default_num_workers() -> int:
+    """Loader workers that keep the cores busy without oversubscribing: cores - 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the library's data modules: subclasses set ``train_set``/``val_set`` in ``setup``.
+
+    Args:
+        batch_size: samples per batch (per device).
+        num_workers: loader processes; ``None`` picks :func:`default_num_workers`.
+        return_index: add each training sample's dataset index to the batch (``batch["index"]``).
+        contrast_negatives: CRD's K: when positive, training batches also carry ``index`` (B,) and
+            ``contrast_index`` (B, K + 1): column 0 the sample itself, then K samples of other classes
+            (reference: 16384). 0 turns the sampling off.
+        contrast_replacement: draw the K negatives with replacement (default; required when K exceeds the
+            number of samples outside a class). ``False`` gives K distinct negatives per sample.
+    """
+
+    num_classes: int = 0
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        return_index: bool = False,
+        contrast_negatives: int = 0,
+        contrast_replacement: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if contrast_negatives < 0:
+            raise ValueError(f"contrast_negatives must be >= 0 (0 = off), got {contrast_negatives}")
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.return_index = return_index
+        self.contrast_negatives = int(contrast_negatives)
+        self.contrast_replacement = contrast_replacement
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def provides_indices(self) -> bool:
+        """Whether training batches carry ``index`` (``return_index`` or ``contrast_negatives > 0``)."""
+        return self.return_index or self.contrast_negatives > 0
+
+    @property
+    def num_samples(self) -> int:
+        """Size of the training set (runs :meth:`setup` first if it has not run)."""
+        if self.train_set is None:
+            self.setup("fit")
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() did not create the training set")
+        return len(self.train_set)  # type: ignore[arg-type]
+
+    def wrap_train(self, dataset: Dataset, labels: Tensor | None = None) -> Dataset:
+        """The training set as a dictionary dataset: with indices when asked, with CRD's contrastive
+        indices when ``contrast_negatives > 0`` (``labels``: the dataset's labels, read from it if omitted).
+        """
+        if self.contrast_negatives:
+            return ContrastiveDataset(
+                dataset, self.contrast_negatives, labels=labels, replacement=self.contrast_replacement
+            )
+        return DictDataset(dataset, return_index=self.return_index)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
