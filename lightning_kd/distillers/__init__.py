@@ -20,5 +20,6 @@ from lightning_kd.distillers.nst import NST
 from lightning_kd.distillers.sp import SP
 
 # -- CRD --
+from lightning_kd.distillers.crd import CRD
 
 __all__ = [name for name in dir() if not name.startswith("_") and name[0].isupper()]

@@ -25,5 +25,6 @@ from lightning_kd.functional.nst import mean_polynomial_kernel, nst_loss
 from lightning_kd.functional.sp import similarity_matrix, sp_loss
 
 # -- CRD --
+from lightning_kd.functional.crd import contrast_loss, contrast_scores, crd_batch_loss, momentum_update
 
 __all__ = [name for name, value in dict(globals()).items() if not name.startswith("_") and callable(value)]
