@@ -32,7 +32,7 @@ from lightning_kd.checkpoints import load_into
 from lightning_kd.distillers.base import Batch, Distiller
 from lightning_kd.models import create_model
 from lightning_kd.stages import MAIN, Stage, plan_stages, stage_at
-from lightning_kd.taps import LOGITS, FeatureTaps
+from lightning_kd.taps import LOGITS, FeatureTaps, expand_taps
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users
@@ -164,6 +164,8 @@ class DistillationModule(L.LightningModule):
             self.teacher.requires_grad_(False)
             self.teacher.eval()
 
+        for distiller in distillers:
+            _resolve_layers(distiller, self.student, self.teacher)
         self._student_taps = FeatureTaps(self.student, [t for d in distillers for t in d.student_layers])
         self._teacher_taps = (
             FeatureTaps(self.teacher, [t for d in distillers for t in d.teacher_layers]) if self.teacher else None
@@ -469,6 +471,22 @@ def _num_outputs(logits: Tensor, who: str) -> int:
     if logits.dim() != 2:
         raise ValueError(f"the {who} must return (batch, classes) logits, returned shape {tuple(logits.shape)}")
     return int(logits.shape[1])
+
+
+def _resolve_layers(distiller: Distiller, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Expand tap groups on each side and check that paired methods read as many layers on both."""
+    distiller.student_layers = expand_taps(student, distiller.student_layers)
+    if not distiller.student_layers:
+        raise ValueError(f"{distiller.name} reads no student layer: give student_layers at least one tap name")
+    if teacher is None:
+        return
+    distiller.teacher_layers = expand_taps(teacher, distiller.teacher_layers)
+    if distiller.paired_layers and len(distiller.student_layers) != len(distiller.teacher_layers):
+        raise ValueError(
+            f"{distiller.name} compares layers pairwise but reads {len(distiller.student_layers)} student layers "
+            f"{distiller.student_layers} and {len(distiller.teacher_layers)} teacher layers "
+            f"{distiller.teacher_layers}: pass student_layers and teacher_layers of the same length"
+        )
 
 
 def _make_names_unique(distillers: list[Distiller]) -> None:

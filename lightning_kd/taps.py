@@ -6,7 +6,10 @@ A *tap* names a point inside a network:
 - ``"fc:input"``: the (first) input of ``fc``; for the bundled models that is the pooled embedding;
 - ``"logits"``: the network's own output (no hook is needed);
 - a symbolic name such as ``"stage2"``, ``"preact3"`` or ``"embedding"``, looked up in the model's
-  ``feature_paths`` dictionary (every bundled model has one; see :mod:`lightning_kd.models`).
+  ``feature_paths`` dictionary (every bundled model has one; see :mod:`lightning_kd.models`);
+- a group, expanded by :func:`expand_taps` from ``feature_paths``: ``"stages"`` (every ``stageN`` in order),
+  ``"preacts"`` (every ``preactN``), ``"last_stage"`` and ``"last_preact"``. Distillers use groups as
+  defaults, so a 3-stage ResNet and a 4-stage VGG each give all their stages.
 
 Example:
     >>> import torch
@@ -31,8 +34,34 @@ LOGITS = "logits"
 INPUT_SUFFIX = ":input"
 
 
+GROUPS = {"stages": "stage", "preacts": "preact", "last_stage": "stage", "last_preact": "preact"}
+
+
 class TapError(ValueError):
     """A tap names a point that does not exist in the network."""
+
+
+def _numbered(feature_paths: dict[str, str], prefix: str) -> list[str]:
+    names = [n for n in feature_paths if n.startswith(prefix) and n[len(prefix) :].isdigit()]
+    return sorted(names, key=lambda n: int(n[len(prefix) :]))
+
+
+def expand_taps(model: nn.Module, taps: Iterable[str]) -> list[str]:
+    """Replace the groups (``stages``, ``preacts``, ``last_stage``, ``last_preact``) by the model's taps."""
+    feature_paths: dict[str, str] = getattr(model, "feature_paths", {}) or {}
+    expanded: list[str] = []
+    for tap in taps:
+        if tap not in GROUPS:
+            expanded.append(tap)
+            continue
+        names = _numbered(feature_paths, GROUPS[tap])
+        if not names:
+            raise TapError(
+                f"{type(model).__name__} has no {GROUPS[tap]}N entries in feature_paths, so the group {tap!r} "
+                "cannot be expanded: name the layers explicitly (student_layers=[...] / teacher_layers=[...])"
+            )
+        expanded.extend(names[-1:] if tap.startswith("last_") else names)
+    return expanded
 
 
 def resolve_tap(model: nn.Module, tap: str) -> tuple[str, bool]:

@@ -28,9 +28,9 @@ METHODS = ["fitnet", "at", "sp", "cc", "fsp", "nst"]
 def test_reference_defaults() -> None:
     assert (FitNet().weight, FitNet().student_layers, FitNet().teacher_layers) == (100.0, ["stage2"], ["stage2"])
     assert FitNet().stage_epochs == 0 and FitNet().active_in_main
-    stages = ["stage1", "stage2", "stage3"]
+    stages = ["stages"]  # a group: every stage output of the model (see test_default_groups_expand_per_model)
     assert (AT().weight, AT().p, AT().student_layers, AT().teacher_layers) == (1000.0, 2.0, stages, stages)
-    assert (SP().weight, SP().student_layers, SP().teacher_layers) == (3000.0, ["stage3"], ["stage3"])
+    assert (SP().weight, SP().student_layers, SP().teacher_layers) == (3000.0, ["last_stage"], ["last_stage"])
     assert (CC().weight, CC().dim, CC().student_layers, CC().teacher_layers) == (0.02, 128, ["embedding"], ["embedding"])
     fsp = FSP()
     assert fsp.student_layers == fsp.teacher_layers == ["stem", *stages]
@@ -38,13 +38,26 @@ def test_reference_defaults() -> None:
     assert (NST().weight, NST().student_layers, NST().teacher_layers) == (50.0, stages, stages)
 
 
+def test_default_groups_expand_per_model() -> None:
+    module = DistillationModule("vgg8", teacher="vgg13", distillers=[AT(), SP(), FSP()], num_classes=10)
+    at, sp, fsp = module.distillers
+    four = ["stage1", "stage2", "stage3", "stage4"]
+    assert at.student_layers == at.teacher_layers == four  # VGGs have four stages, the CIFAR ResNets three
+    assert sp.student_layers == sp.teacher_layers == ["stage4"]
+    assert fsp.student_layers == ["stem", *four]
+    module = DistillationModule("resnet8", teacher="resnet14", distillers=[AT()], num_classes=10)
+    assert module.distillers[0].student_layers == ["stage1", "stage2", "stage3"]
+
+
 def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match="one layer on each side"):
         FitNet(student_layers=["stage1", "stage2"])
-    with pytest.raises(ValueError, match="in pairs"):
-        AT(student_layers=["stage1", "stage2"], teacher_layers=["stage3"])
-    with pytest.raises(ValueError, match="in pairs"):
-        NST(student_layers=[])
+    small = dict(num_classes=10, input_size=(3, 16, 16))
+    with pytest.raises(ValueError, match="compares layers pairwise"):
+        DistillationModule("resnet8", teacher="resnet8", distillers=[AT(student_layers=["stage1", "stage2"],
+                                                                        teacher_layers=["stage3"])], **small)
+    with pytest.raises(ValueError, match="reads no student layer"):
+        DistillationModule("resnet8", teacher="resnet8", distillers=[NST(student_layers=[])], **small)
     with pytest.raises(ValueError, match="p >= 1"):
         AT(p=0.5)
     with pytest.raises(ValueError, match="one layer"):

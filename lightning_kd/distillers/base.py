@@ -33,7 +33,8 @@ class Distiller(nn.Module):
     Args:
         weight: the factor of this loss in the total objective
             ``task_loss_weight * CE + sum(weight_i * L_i)``.
-        student_layers: tap names on the student; ``None`` takes the method's default.
+        student_layers: tap names on the student (groups such as ``"stages"`` allowed, see
+            :func:`lightning_kd.taps.expand_taps`); ``None`` takes the method's default.
         teacher_layers: tap names on the teacher; ``None`` takes the method's default (or the student's).
         name: the name used in logs (``train/<name>``); defaults to the class name in lower case.
         stage_epochs: length of this method's own initialisation stage, run before the main stage;
@@ -47,6 +48,8 @@ class Distiller(nn.Module):
     active_in_main: bool = True
     #: whether the method reads teacher features at all
     needs_teacher: bool = True
+    #: whether student layer i is compared with teacher layer i (then both lists must have the same length)
+    paired_layers: bool = True
 
     def __init__(
         self,

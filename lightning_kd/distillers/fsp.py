@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.distillers.at import _check_pairs
 from lightning_kd.distillers.base import Batch, Distiller
 from lightning_kd.functional import fsp_loss
 
@@ -24,15 +23,14 @@ class FSP(Distiller):
         stage_epochs: length of the initialisation stage (reference: 30).
         in_main: also add ``weight * FSP`` to the main stage's objective (the reference does not).
         weight: factor of the loss in the main stage, used only with ``in_main=True``.
-        student_layers, teacher_layers, name: see :class:`Distiller` (default layers ``stem``, ``stage1``,
-            ``stage2``, ``stage3`` on both sides).
+        student_layers, teacher_layers, name: see :class:`Distiller` (default layers ``stem`` and
+            ``"stages"``, i.e. stem, stage1..stage3 of the CIFAR ResNets, on both sides).
     """
 
-    default_student_layers = ("stem", "stage1", "stage2", "stage3")
+    default_student_layers = ("stem", "stages")
 
     def __init__(self, stage_epochs: int = 30, in_main: bool = False, weight: float = 1.0, **kwargs) -> None:
         super().__init__(weight=weight, stage_epochs=stage_epochs, **kwargs)
-        _check_pairs(self)
         if len(self.student_layers) < 2:
             raise ValueError(f"FSP needs at least two consecutive layers per side, got {self.student_layers}")
         if not stage_epochs and not in_main:

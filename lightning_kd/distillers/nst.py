@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.distillers.at import _check_pairs
 from lightning_kd.distillers.base import Batch, Distiller
 from lightning_kd.functional import nst_loss
 
@@ -17,14 +16,13 @@ class NST(Distiller):
 
     Args:
         weight, student_layers, teacher_layers, name: see :class:`Distiller` (default layers
-            ``stage1``, ``stage2``, ``stage3`` on both sides).
+            ``"stages"``: every stage output, stage1..stage3 of the CIFAR ResNets, on both sides).
     """
 
-    default_student_layers = ("stage1", "stage2", "stage3")
+    default_student_layers = ("stages",)
 
     def __init__(self, weight: float = 50.0, **kwargs) -> None:
         super().__init__(weight=weight, **kwargs)
-        _check_pairs(self)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
         return sum(nst_loss(s, t) for s, t in zip(student_features, teacher_features))

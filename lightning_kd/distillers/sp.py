@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.distillers.at import _check_pairs
 from lightning_kd.distillers.base import Batch, Distiller
 from lightning_kd.functional import sp_loss
 
@@ -16,15 +15,14 @@ class SP(Distiller):
     A relational loss: it compares the samples of the per-device batch.
 
     Args:
-        weight, student_layers, teacher_layers, name: see :class:`Distiller` (default layer ``stage3``);
+        weight, student_layers, teacher_layers, name: see :class:`Distiller` (default layer ``"last_stage"``);
             several layer pairs are summed.
     """
 
-    default_student_layers = ("stage3",)
+    default_student_layers = ("last_stage",)
 
     def __init__(self, weight: float = 3000.0, **kwargs) -> None:
         super().__init__(weight=weight, **kwargs)
-        _check_pairs(self)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
         return sum(sp_loss(s, t) for s, t in zip(student_features, teacher_features))
