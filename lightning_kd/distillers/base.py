@@ -20,9 +20,11 @@ Methods with an initialisation stage (AB, FT, FSP) set ``stage_epochs > 0`` and 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
+
+from lightning_kd.distributed import gather_with_grad
 
 Batch = dict[str, Any]
 
@@ -116,6 +118,35 @@ class Distiller(nn.Module):
             f"weight={self.weight}, student_layers={self.student_layers}, teacher_layers={self.teacher_layers}"
             + (f", stage_epochs={self.stage_epochs}" if self.stage_epochs else "")
         )
+
+
+class RelationalDistiller(Distiller):
+    """A method whose loss compares the samples of a batch with each other (RKD, PKT, SP, CC).
+
+    Under data parallelism "the batch" is a choice:
+
+    - ``batch_scope="device"`` (default, what other libraries do): each device's slice of the batch;
+    - ``batch_scope="global"``: the features of every rank are gathered with gradients first
+      (:func:`lightning_kd.distributed.gather_with_grad`), so N devices with batch B each compute the loss
+      and gradients of one device with batch N x B.
+
+    Subclasses call :meth:`gather` on their features before the loss. On one process both scopes agree.
+    """
+
+    def __init__(self, batch_scope: Literal["device", "global"] = "device", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if batch_scope not in ("device", "global"):
+            raise ValueError(f"{self.name}: batch_scope must be 'device' or 'global', got {batch_scope!r}")
+        self.batch_scope = batch_scope
+
+    def gather(self, features: list[Tensor]) -> list[Tensor]:
+        """The features of the batch the loss should see (this device's, or all ranks')."""
+        if self.batch_scope == "global":
+            return [gather_with_grad(f) for f in features]
+        return features
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", batch_scope={self.batch_scope!r}"
 
 
 def classifier_of(model: nn.Module) -> nn.Module:

@@ -5,22 +5,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_kd.connectors import LinearEmbed
-from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.distillers.base import Batch, RelationalDistiller
 from lightning_kd.functional import cc_loss
 
 
-class CC(Distiller):
+class CC(RelationalDistiller):
     """Correlation congruence on learnable embeddings of the penultimate features.
 
     Two :class:`~lightning_kd.connectors.LinearEmbed` maps to ``dim`` (one per side; the teacher's is trained
     too), then :func:`~lightning_kd.functional.cc_loss`: with ``d = |e_s - e_t|``, the mean over adjacent
     rows of ``sum_k d[i, k] * d[i + 1, k]``. Reference (CRD benchmark, CIFAR-100): the pooled embedding,
-    ``dim=128``, ``weight=0.02``. A relational loss: it compares the samples of the per-device batch.
+    ``dim=128``, ``weight=0.02``. A relational loss: it compares the samples of the per-device batch, or of
+    the global batch with ``batch_scope="global"``.
 
     Args:
         dim: size of the embeddings.
-        weight, student_layers, teacher_layers, name: see :class:`Distiller` (one layer on each side,
-            default ``"embedding"``).
+        weight, student_layers, teacher_layers, name, batch_scope: see
+            :class:`~lightning_kd.distillers.base.RelationalDistiller` (one layer on each side, default
+            ``"embedding"``).
     """
 
     default_student_layers = ("embedding",)
@@ -45,4 +47,6 @@ class CC(Distiller):
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
         if self.embed_student is None or self.embed_teacher is None:
             raise RuntimeError("CC.build() has not run: the DistillationModule builds it from a probe forward")
-        return cc_loss(self.embed_student(student_features[0]), self.embed_teacher(teacher_features[0]))
+        embedded = [self.embed_student(student_features[0]), self.embed_teacher(teacher_features[0])]
+        student, teacher = self.gather(embedded)
+        return cc_loss(student, teacher)
