@@ -93,10 +93,10 @@ class Paraphraser(nn.Module):
 
     Encoder: conv3x3 ``C -> C``, ``C -> kC``, ``kC -> kC``; decoder the mirror image with transposed convs
     (``kC -> kC``, ``kC -> C``, ``C -> C``); LeakyReLU(0.1) after each, BatchNorm before it if ``use_bn``
-    (the benchmark's default is without). ``k`` is the paraphrase rate.
+    (as in the FT authors' code; the CRD benchmark's has none). ``k`` is the paraphrase rate.
     """
 
-    def __init__(self, channels: int, rate: float = 0.5, use_bn: bool = False) -> None:
+    def __init__(self, channels: int, rate: float = 0.5, use_bn: bool = True) -> None:
         super().__init__()
         if rate <= 0:
             raise ValueError(f"FT paraphrase rate must be positive, got {rate}")

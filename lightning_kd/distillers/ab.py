@@ -32,10 +32,11 @@ class AB(Distiller):
         scale: the factor of the weighted sum (reference ``3 / 1000``).
         stage_epochs: length of the initialisation stage; must be positive.
         weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to
-            ``preact1``..``preact3`` on both sides).
+            ``"preacts"``: every stage's pre-activation map, preact1..preact3 of the CIFAR ResNets, on both
+            sides).
     """
 
-    default_student_layers = ("preact1", "preact2", "preact3")
+    default_student_layers = ("preacts",)
     active_in_main = False
 
     def __init__(
@@ -46,14 +47,9 @@ class AB(Distiller):
             raise ValueError(
                 f"AB trains only in its initialisation stage, so stage_epochs must be positive, got {stage_epochs}"
             )
-        if len(self.student_layers) != len(self.teacher_layers):
-            raise ValueError(
-                f"AB pairs layers one to one, got {len(self.student_layers)} student layers {self.student_layers} "
-                f"and {len(self.teacher_layers)} teacher layers {self.teacher_layers}"
-            )
         self.margin = float(margin)
         self.scale = float(scale)
-        self.layer_weights = ab_layer_weights(len(self.student_layers))
+        self.layer_weights: list[float] = []  # set in build(), once the layers are known
         self.connectors = nn.ModuleList()
 
     def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
@@ -64,6 +60,7 @@ class AB(Distiller):
                     f"{t_name!r} {tuple(t.shape)}: choose convolutional layers such as 'preact1'"
                 )
         self.connectors = nn.ModuleList(ABConnector(s.shape[1], t.shape[1]) for s, t in zip(student_features, teacher_features))
+        self.layer_weights = ab_layer_weights(len(self.connectors))
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
         losses = [

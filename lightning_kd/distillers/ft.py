@@ -34,14 +34,16 @@ class FT(Distiller):
         p: exponent of the factor distance (1: mean absolute error).
         form: ``"channel_mean"`` (the benchmark's factor map, default) or ``"whole"`` (the paper's); see
             :func:`~lightning_kd.functional.ft_loss`.
-        paraphraser_bn: BatchNorm inside the paraphraser (the benchmark has none).
+        paraphraser_bn: BatchNorm inside the paraphraser, as in the FT authors' code (default). The CRD
+            benchmark's paraphraser has none; without it, SGD at lr 0.05 diverged to NaN within two epochs of
+            the digits initialisation stage.
         stage_epochs: length of the paraphraser's training stage (0: use it untrained, e.g. after loading
             its weights).
         weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to
-            ``stage3``, the last stage output, on both sides).
+            ``"last_stage"``, the last stage output, ``stage3`` of the CIFAR ResNets, on both sides).
     """
 
-    default_student_layers = ("stage3",)
+    default_student_layers = ("last_stage",)
     #: the initialisation stage reads only the teacher; the student's forward is not needed there
     stage_needs_student = False
 
@@ -50,16 +52,12 @@ class FT(Distiller):
         paraphrase_rate: float = 0.5,
         p: float = 1,
         form: Literal["channel_mean", "whole"] = "channel_mean",
-        paraphraser_bn: bool = False,
+        paraphraser_bn: bool = True,
         weight: float = 200.0,
         stage_epochs: int = 30,
         **kwargs,
     ) -> None:
         super().__init__(weight=weight, stage_epochs=stage_epochs, **kwargs)
-        if len(self.student_layers) != 1 or len(self.teacher_layers) != 1:
-            raise ValueError(
-                f"FT reads one layer on each side, got student {self.student_layers} and teacher {self.teacher_layers}"
-            )
         if form not in ("channel_mean", "whole"):
             raise ValueError(f"FT form must be 'channel_mean' or 'whole', got {form!r}")
         self.paraphrase_rate = float(paraphrase_rate)
@@ -71,6 +69,10 @@ class FT(Distiller):
         self.translator: Translator | None = None
 
     def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        if len(student_features) != 1 or len(teacher_features) != 1:
+            raise ValueError(
+                f"FT reads one layer on each side, got student {self.student_layers} and teacher {self.teacher_layers}"
+            )
         s, t = student_features[0], teacher_features[0]
         if s.dim() != 4 or t.dim() != 4:
             raise ValueError(

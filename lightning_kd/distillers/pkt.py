@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.distillers.base import Batch, RelationalDistiller
 from lightning_kd.functional import pkt_loss
 
 
-class PKT(Distiller):
+class PKT(RelationalDistiller):
     """Match the batch's cosine-similarity distributions (:func:`~lightning_kd.functional.pkt_loss`).
 
-    Relational: the loss compares samples of the (per-device) batch with each other.
+    Relational: the loss compares the samples of the per-device batch with each other, or of the global batch
+    with ``batch_scope="global"`` (see :class:`~lightning_kd.distillers.base.RelationalDistiller`).
     Reference weight (CIFAR-100): ``weight=30000`` with ``task_loss_weight=1``.
 
     Args:
         eps: smoothing inside the logarithm.
-        weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to the
-            penultimate embedding on both sides).
+        weight, student_layers, teacher_layers, name, batch_scope: see :class:`RelationalDistiller` (layers
+            default to the penultimate embedding on both sides); several layer pairs are summed.
     """
 
     default_student_layers = ("embedding",)
@@ -27,4 +28,5 @@ class PKT(Distiller):
         self.eps = float(eps)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        return pkt_loss(student_features[0], teacher_features[0], self.eps)
+        pairs = zip(self.gather(student_features), self.gather(teacher_features))
+        return sum(pkt_loss(s, t, self.eps) for s, t in pairs)

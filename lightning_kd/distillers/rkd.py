@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.distillers.base import Batch, Distiller
+from lightning_kd.distillers.base import Batch, RelationalDistiller
 from lightning_kd.functional import rkd_loss
 
 
-class RKD(Distiller):
+class RKD(RelationalDistiller):
     """Match the distances and angles between the samples of a batch (:func:`~lightning_kd.functional.rkd_loss`).
 
-    Relational: the loss compares samples of the (per-device) batch with each other.
+    Relational: the loss compares the samples of the per-device batch with each other, or of the global batch
+    with ``batch_scope="global"`` (see :class:`~lightning_kd.distillers.base.RelationalDistiller`).
     Reference weight (CIFAR-100): ``weight=1`` with ``task_loss_weight=1``, distance 25, angle 50.
 
     Args:
         distance_weight: factor of the distance term.
         angle_weight: factor of the angle term.
-        weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to the
-            penultimate embedding on both sides).
+        weight, student_layers, teacher_layers, name, batch_scope: see :class:`RelationalDistiller` (layers
+            default to the penultimate embedding on both sides); several layer pairs are summed.
     """
 
     default_student_layers = ("embedding",)
@@ -31,4 +32,5 @@ class RKD(Distiller):
         self.angle_weight = float(angle_weight)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        return rkd_loss(student_features[0], teacher_features[0], self.distance_weight, self.angle_weight)
+        pairs = zip(self.gather(student_features), self.gather(teacher_features))
+        return sum(rkd_loss(s, t, self.distance_weight, self.angle_weight) for s, t in pairs)

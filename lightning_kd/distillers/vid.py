@@ -23,19 +23,14 @@ class VID(Distiller):
     Args:
         init_variance: the variance at the start.
         eps: the variance's floor.
-        weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to the three
-            stage outputs on both sides).
+        weight, student_layers, teacher_layers, name: see :class:`Distiller` (layers default to
+            ``"stages"``: every stage output, stage1..stage3 of the CIFAR ResNets, on both sides).
     """
 
-    default_student_layers = ("stage1", "stage2", "stage3")
+    default_student_layers = ("stages",)
 
     def __init__(self, init_variance: float = 5.0, eps: float = 1e-5, weight: float = 1.0, **kwargs) -> None:
         super().__init__(weight=weight, **kwargs)
-        if len(self.student_layers) != len(self.teacher_layers):
-            raise ValueError(
-                f"VID pairs layers one to one, got {len(self.student_layers)} student layers {self.student_layers} "
-                f"and {len(self.teacher_layers)} teacher layers {self.teacher_layers}"
-            )
         self.init_variance = float(init_variance)
         self.eps = float(eps)
         self.regressors = nn.ModuleList()
