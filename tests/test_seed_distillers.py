@@ -257,7 +257,8 @@ class _Recorder(L.Callback):
         self.optimized: dict[int, set[int]] = {}
 
     def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
-        self.snapshots["start"] = {"student": _params(module.student), "para": _snapshot(module.distillers[0].paraphraser)}
+        paraphraser = module.distillers[0].paraphraser
+        self.snapshots["start"] = {"student": _params(module.student), "para": _snapshot(paraphraser)}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
         self.optimized[trainer.current_epoch] = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
@@ -286,7 +287,8 @@ def test_ft_two_stages_through_the_trainer() -> None:
     assert _same(start["student"], first["student"])
     assert not _same(start["para"], first["para"])
     # stage two: the paraphraser is frozen (weights unchanged, eval mode throughout, validation included)
-    assert recorder.optimized[1] == {id(p) for p in module.student.parameters()} | {id(p) for p in ft.translator.parameters()}
+    main_params = [*module.student.parameters(), *ft.translator.parameters()]
+    assert recorder.optimized[1] == {id(p) for p in main_params}
     assert _same(first["para"], second["para"])
     assert recorder.main_modes and not any(recorder.main_modes)
     assert not ft.paraphraser.training

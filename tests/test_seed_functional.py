@@ -133,7 +133,8 @@ def ft_by_loops(s: torch.Tensor, t: torch.Tensor, p: float = 1, whole: bool = Fa
                 v = [x for grid in sample for row in grid for x in row]
             else:
                 h, w = len(sample[0]), len(sample[0][0])
-                v = [sum(sample[c][i][j] ** 2 for c in range(len(sample))) / len(sample) for i in range(h) for j in range(w)]
+                channels = range(len(sample))
+                v = [sum(sample[c][i][j] ** 2 for c in channels) / len(sample) for i in range(h) for j in range(w)]
             out.append(_unit(v))
         return out
 

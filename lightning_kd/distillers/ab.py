@@ -59,7 +59,9 @@ class AB(Distiller):
                     f"AB needs (B, C, H, W) pre-activation maps, got student {s_name!r} {tuple(s.shape)} and teacher "
                     f"{t_name!r} {tuple(t.shape)}: choose convolutional layers such as 'preact1'"
                 )
-        self.connectors = nn.ModuleList(ABConnector(s.shape[1], t.shape[1]) for s, t in zip(student_features, teacher_features))
+        self.connectors = nn.ModuleList(
+            ABConnector(s.shape[1], t.shape[1]) for s, t in zip(student_features, teacher_features)
+        )
         self.layer_weights = ab_layer_weights(len(self.connectors))
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
