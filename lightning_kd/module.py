@@ -337,7 +337,10 @@ class DistillationModule(L.LightningModule):
         """The loss components of one training batch and their weights, for the current stage."""
         stage = self._stage
         images = self._prepare_images(batch["image"])
-        student = self._forward(self.student, self._student_taps, images)
+        if stage.distiller is None or stage.distiller.stage_needs_student:
+            student = self._forward(self.student, self._student_taps, images)
+        else:
+            student = {}
         teacher: dict[str, Tensor] = {}
         if self._teacher_needed(stage):
             teacher = self.teacher_forward(images)
@@ -346,7 +349,7 @@ class DistillationModule(L.LightningModule):
 
         def features(distiller: Distiller) -> tuple[list[Tensor], list[Tensor]]:
             return (
-                [student[t] for t in distiller.student_layers],
+                [student[t] for t in distiller.student_layers] if student else [],
                 [teacher[t] for t in distiller.teacher_layers] if teacher else [],
             )
 

@@ -296,11 +296,6 @@ def test_ft_two_stages_through_the_trainer() -> None:
     assert not _same(first["student"], second["student"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the module runs the student forward in train mode in every stage, so FT's initialisation stage "
-    "updates the student's BatchNorm statistics; FT.stage_needs_student = False asks the module to skip it",
-)
 def test_ft_stage_one_leaves_the_student_batchnorm_statistics_alone() -> None:
     module = _module(FT(stage_epochs=1))
     before = _snapshot(module.student)

@@ -50,6 +50,9 @@ class Distiller(nn.Module):
     active_in_main: bool = True
     #: whether the method reads teacher features at all
     needs_teacher: bool = True
+    #: whether the initialisation stage reads the student at all (FT's paraphraser stage does not: the module
+    #: then skips the student forward, so not even its BatchNorm statistics move)
+    stage_needs_student: bool = True
     #: whether student layer i is compared with teacher layer i (then both lists must have the same length)
     paired_layers: bool = True
 
