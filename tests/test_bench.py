@@ -1,0 +1,57 @@
+"""The overhead benchmark runs end to end (``--quick``) and writes its table; no assertion on speed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_overhead.py"
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """The table's data rows, keyed by method label."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 8 and cells[0] not in ("method",) and not cells[0].startswith("-"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_quick_benchmark_measures_kd_and_a_feature_method(tmp_path: Path) -> None:
+    output = tmp_path / "results.md"
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--methods", "KD,VID",
+        "--pair", "resnet20,resnet8", "--input-size", "16", "--batch-size", "8", "--num-classes", "10",
+        "--threads", "1", "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = output.read_text()
+    assert table in result.stdout  # the same table is printed
+    rows = _rows(table)
+    assert set(rows) == {"KD", "VID"}, table
+    for label, cells in rows.items():
+        _, stage, plain, library, ratio, mem_plain, mem_library, same_loss = cells
+        assert stage == "main"
+        for value in (plain, library, ratio):
+            assert re.fullmatch(r"\d+\.\d+", value) and float(value) > 0, (label, cells)
+        for value in (mem_plain, mem_library):
+            assert re.fullmatch(r"\d+", value) and int(value) > 0, (label, cells)
+        # both sides start from the same weights and batches: their first losses agree
+        assert same_loss == "yes", (label, cells)
+
+
+def test_unknown_method_is_refused_with_the_known_names(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--methods", "NoSuchMethod", "--output", str(tmp_path / "r.md")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "NoSuchMethod" in result.stderr and "KD" in result.stderr
+    assert not (tmp_path / "r.md").exists()
