@@ -323,6 +323,27 @@ class DistillationModule(L.LightningModule):
         if optimizers:
             self.log("train/lr", float(optimizers[0].param_groups[0]["lr"]), on_step=False, on_epoch=True)
 
+    def on_train_start(self) -> None:
+        """After a restore in the middle of an epoch, start the training samplers where the epoch stopped.
+
+        Lightning restores how many batches of the epoch were done but iterates the loader from its start;
+        a :class:`~lightning_kd.data.sampling.ResumableRandomSampler` can skip what was already seen.
+        """
+        fit_loop = self.trainer.fit_loop
+        done = fit_loop.epoch_loop.batch_progress.current.processed  # "completed" lags by one in a checkpoint
+        if not fit_loop.restarted_mid_epoch or done <= 0:
+            return
+        loaders = self.trainer.train_dataloader
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            sampler = getattr(loader, "sampler", None)
+            batch_size = getattr(loader, "batch_size", None)
+            if hasattr(sampler, "skip") and batch_size:
+                sampler.skip(done * batch_size)
+            else:
+                log.warning("Resuming inside an epoch with a sampler that cannot skip: the epoch restarts.")
+
     # ------------------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------------------

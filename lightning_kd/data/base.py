@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kd.data.contrast import ContrastiveDataset
+from lightning_kd.data.sampling import ResumableRandomSampler
 
 
 class DictDataset(Dataset):
@@ -27,6 +28,11 @@ class DictDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset (for per-sample seeded augmentation)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.dataset[index]
@@ -109,7 +115,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset, seed=torch.initial_seed()) if train else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

@@ -185,6 +185,11 @@ class ContrastiveDataset(Dataset):
             self._generator_key = key
         return self._generator
 
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset (for per-sample seeded augmentation)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.dataset[index]
         label = torch.as_tensor(label, dtype=torch.long)

@@ -16,10 +16,19 @@ from lightning_kd.data.base import ClassificationDataModule, DictDataset
 
 
 class ShiftedImages(Dataset):
-    """In-memory images with an optional random shift (zero padding then a random crop)."""
+    """In-memory images with an optional random shift (zero padding then a random crop).
 
-    def __init__(self, images: Tensor, labels: Tensor, max_shift: int = 0) -> None:
-        self.images, self.labels, self.max_shift = images, labels, max_shift
+    Each shift is drawn from a generator seeded by ``(seed, epoch, index)``, not from the global random
+    state, so a fit resumed inside an epoch augments exactly as an uninterrupted one (the sampler forwards
+    the epoch through :meth:`set_epoch`).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, max_shift: int = 0, seed: int = 0) -> None:
+        self.images, self.labels, self.max_shift, self.seed = images, labels, max_shift, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -28,8 +37,9 @@ class ShiftedImages(Dataset):
         image = self.images[index]
         if self.max_shift:
             s = self.max_shift
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(index))) & 0x7FFFFFFF)
+            dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
             padded = F.pad(image, (s, s, s, s))
-            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
             image = padded[:, dy : dy + image.shape[1], dx : dx + image.shape[2]]
         return image, self.labels[index]
 
@@ -106,5 +116,7 @@ class DigitsDataModule(ClassificationDataModule):
         images, labels = self.load_arrays()
         train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
         shift = self.size // 8 if self.augment else 0
-        self.train_set = self.wrap_train(ShiftedImages(images[train_idx], labels[train_idx], shift))
+        self.train_set = self.wrap_train(
+            ShiftedImages(images[train_idx], labels[train_idx], shift, seed=torch.initial_seed())
+        )
         self.val_set = DictDataset(ShiftedImages(images[val_idx], labels[val_idx]))
