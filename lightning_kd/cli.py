@@ -33,6 +33,10 @@ class DistillationCLI(LightningCLI):
         own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if trainer.get("enable_progress_bar") is not False and not own_bar:
             self.trainer_defaults["callbacks"] = [DistillationProgressBar()]
+        # Lightning unpickles a resumed checkpoint fully for URLs (and torch's weights-only default can be
+        # switched off by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD): ask for weights-only loading unless told otherwise
+        if "weights_only" in config and config["weights_only"] is None:
+            config["weights_only"] = True
 
 
 def main(args: list[str] | None = None) -> None:

@@ -195,12 +195,6 @@ def test_cli_truncated_checkpoint_is_a_clear_error(files: dict[str, Path], tmp_p
     assert result.returncode != 0 and "corrupted" in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Lightning unpickles a URL checkpoint with weights_only=False unless told otherwise: the CLI must "
-    "default weights_only to True",
-)
 def test_cli_refuses_a_pickle_payload_from_a_url(
     files: dict[str, Path], server: str, no_marker: Path, tmp_path: Path
 ) -> None:
