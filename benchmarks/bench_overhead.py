@@ -19,12 +19,20 @@ which goes first, while the other waits idle; a round's time is read after a dev
 table gives each side's median steps/s over the rounds, the ratio library/plain (median of the per-round
 ratios, so a change of load during the run affects both sides of a pair alike), the peak memory of each
 worker (CPU: growth of the process's maximum resident set since its imports; CUDA:
-``torch.cuda.max_memory_allocated``) and whether the first step's loss agrees on both sides (a check that
-the two sides do the same work).
+``torch.cuda.max_memory_allocated``), the minor page faults per step, and whether the first step's loss
+agrees on both sides (a check that the two sides do the same work). The untrained teacher's BatchNorm
+statistics are first calibrated on the batches, so that its features stay in a trained network's range.
+
+``--breakdown`` times the steps in between instead, each in its own process: the plain loop, the same step
+in a minimal LightningModule (Lightning's own cost), ``DistillationModule`` with ``self.log`` disabled and
+``nan_policy="ignore"``, with ``nan_policy="ignore"`` only, and as is. On a small workload, where the fixed
+cost per step dominates, the differences attribute the overhead.
 
     python benchmarks/bench_overhead.py                       # every method, resnet56 -> resnet20, CPU
     python benchmarks/bench_overhead.py --device cuda --options
     python benchmarks/bench_overhead.py --quick --methods KD,VID --pair resnet20,resnet8 --input-size 16
+    python benchmarks/bench_overhead.py --breakdown --methods KD --pair resnet8,resnet8 --input-size 8 \
+        --batch-size 2 --steps 100 --rounds 5 --warmup 20 --threads 1
 
 The table is printed and written as markdown to ``outputs/bench/results.md`` (``--output``).
 """
@@ -120,9 +128,24 @@ def discover(requested: list[str] | None, with_options: bool) -> tuple[list[dict
 # ----------------------------------------------------------------------------------------------------------
 # the worker processes
 # ----------------------------------------------------------------------------------------------------------
+#: the sides a worker can run: the two of the main table, and the steps in between for --breakdown
+SIDES = {
+    "plain": "plain PyTorch loop",
+    "lightning": "the plain loop's step as a minimal LightningModule",
+    "library-bare": "DistillationModule, self.log disabled, nan_policy='ignore'",
+    "library-nocheck": "DistillationModule, nan_policy='ignore'",
+    "library": "DistillationModule (defaults)",
+}
+MAIN_SIDES = ("plain", "library")
+
+
 def _max_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class _Rounds:
@@ -134,6 +157,7 @@ class _Rounds:
         self.step = 0
         self.first_loss: float | None = None
         self.start = 0.0
+        self.faults = 0
 
     @property
     def total(self) -> int:
@@ -150,9 +174,11 @@ class _Rounds:
         if done == 0:
             self.conn.send(("ready", self.first_loss))
         else:
-            self.conn.send(("round", time.perf_counter() - self.start))
+            elapsed = time.perf_counter() - self.start
+            self.conn.send(("round", (elapsed, (_minor_faults() - self.faults) / self.steps)))
         if done < self.rounds * self.steps:
             self.conn.recv()  # "go"
+            self.faults = _minor_faults()
             self.start = time.perf_counter()
 
 
@@ -181,7 +207,7 @@ def _calibrate_batchnorm(network: Any, images: list[Any]) -> None:
 
 
 def _build(cfg: dict[str, Any], row: dict[str, Any]) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
-    """Teacher, student, distiller (not yet built) and the batches, identical in both workers."""
+    """Teacher, student, distiller (not yet built) and the batches, identical in every worker."""
     import torch
 
     import lightning_kd.distillers as distillers
@@ -209,113 +235,144 @@ def _build(cfg: dict[str, Any], row: dict[str, Any]) -> tuple[Any, Any, Any, lis
     return teacher, student, distiller, [distinct[i % len(distinct)] for i in range(steps)]
 
 
-def _plain(conn: Any, cfg: dict[str, Any], row: dict[str, Any], rounds: _Rounds) -> None:
-    """The hand-written loop: the same work as one ``DistillationModule.training_step`` plus the optimizer."""
-    import torch
-    import torch.nn.functional as F
+class _PlainStep:
+    """Everything the hand-written loop needs, set up as ``DistillationModule`` would, without it.
 
-    from lightning_kd.taps import LOGITS, FeatureTaps, expand_taps
+    :meth:`loss` is the work of one ``DistillationModule.training_step`` (the forward passes and the loss):
+    the student with its taps, the teacher in eval mode under ``no_grad`` (optionally under its own
+    autocast), then ``task_loss_weight * CE + weight * distiller(...)``, or the distiller's ``stage_loss``
+    when its first stage is an initialisation stage.
+    """
 
-    options = row["options"]
-    teacher, student, distiller, batches = _build(cfg, row)
-    device = torch.device(cfg["device"])
-    # tap groups ("stages", "last_stage", ...) name the models' own layers, as in the module
-    distiller.student_layers = expand_taps(student, distiller.student_layers)
-    distiller.teacher_layers = expand_taps(teacher, distiller.teacher_layers)
-    student_taps = FeatureTaps(student, distiller.student_layers)
-    teacher_taps = FeatureTaps(teacher, distiller.teacher_layers)
+    def __init__(self, cfg: dict[str, Any], row: dict[str, Any]) -> None:
+        import torch
+        from torch import nn
 
-    def run(network: Any, taps: FeatureTaps, images: Any) -> dict[str, Any]:
+        from lightning_kd.taps import FeatureTaps, expand_taps
+
+        self.options = row["options"]
+        teacher, student, distiller, self.batches = _build(cfg, row)
+        self.device = torch.device(cfg["device"])
+        # tap groups ("stages", "last_stage", ...) name the models' own layers, as in the module
+        distiller.student_layers = expand_taps(student, distiller.student_layers)
+        distiller.teacher_layers = expand_taps(teacher, distiller.teacher_layers)
+        self.student_taps = FeatureTaps(student, distiller.student_layers)
+        self.teacher_taps = FeatureTaps(teacher, distiller.teacher_layers)
+
+        # probe forward on zeros, then the distiller builds its parts (as the module does in its constructor)
+        probe = torch.zeros(2, 3, cfg["input_size"], cfg["input_size"])
+        student.eval()
+        teacher.eval()
+        with torch.no_grad():
+            s_probe = self._run(student, self.student_taps, probe)
+            t_probe = self._run(teacher, self.teacher_taps, probe)
+        torch.manual_seed(SEED + 2)
+        distiller.build([s_probe[t] for t in distiller.student_layers], [t_probe[t] for t in distiller.teacher_layers])
+
+        teacher.requires_grad_(False)
+        for network in (student, teacher, distiller):
+            network.to(self.device)
+        if self.options.get("channels_last"):
+            student.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)
+        if self.options.get("compile"):
+            student.compile()
+            teacher.compile()
+
+        self.in_stage = bool(distiller.stage_epochs)
+        distiller.on_stage(f"{distiller.name}_init" if self.in_stage else "main")
+        if self.in_stage:
+            params = list(distiller.stage_parameters(student))
+            self.needs_teacher = distiller.needs_teacher
+            self.needs_student = getattr(distiller, "stage_needs_student", True)
+        else:
+            params = [p for p in student.parameters() if p.requires_grad] + list(distiller.main_parameters())
+            self.needs_teacher = distiller.active_in_main and distiller.needs_teacher
+            self.needs_student = True
+        self.params = list({id(p): p for p in params}.values())
+        self.task_weight = cfg["task_loss_weight"]
+        self.teacher_precision = self.options.get("teacher_precision", "same")
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        self.networks = nn.ModuleDict({"student": student, "teacher": teacher, "distiller": distiller})
+
+    @staticmethod
+    def _run(network: Any, taps: Any, images: Any) -> dict[str, Any]:
+        from lightning_kd.taps import LOGITS
+
         logits = network(images)
         features = taps.pop()
         features[LOGITS] = logits
         return features
 
-    # probe forward on zeros, then the distiller builds its parts (as the module does in its constructor)
-    probe = torch.zeros(2, 3, cfg["input_size"], cfg["input_size"])
-    student.eval()
-    teacher.eval()
-    with torch.no_grad():
-        s_probe, t_probe = run(student, student_taps, probe), run(teacher, teacher_taps, probe)
-    torch.manual_seed(SEED + 2)
-    distiller.build([s_probe[t] for t in distiller.student_layers], [t_probe[t] for t in distiller.teacher_layers])
+    def optimizer(self) -> Any:
+        import torch
 
-    teacher.requires_grad_(False)
-    student.to(device)
-    teacher.to(device)
-    distiller.to(device)
-    if options.get("channels_last"):
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-    if options.get("compile"):
-        student.compile()
-        teacher.compile()
+        return torch.optim.SGD(self.params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
-    in_stage = bool(distiller.stage_epochs)
-    distiller.on_stage(f"{distiller.name}_init" if in_stage else "main")
-    if in_stage:
-        params = list(distiller.stage_parameters(student))
-        needs_teacher = distiller.needs_teacher
-        needs_student = getattr(distiller, "stage_needs_student", True)
-    else:
-        params = [p for p in student.parameters() if p.requires_grad] + list(distiller.main_parameters())
-        needs_teacher = distiller.active_in_main and distiller.needs_teacher
-        needs_student = True
-    params = list({id(p): p for p in params}.values())
-    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    task_weight = cfg["task_loss_weight"]
-    teacher_precision = options.get("teacher_precision", "same")
+    def train_mode(self) -> None:
+        self.student.train()
+        self.distiller.train()
+        self.teacher.eval()
 
-    student.train()
-    distiller.train()
-    teacher.eval()
-    for batch in batches:
+    def loss(self, batch: dict[str, Any]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        from lightning_kd.taps import LOGITS
+
         images = batch["image"]
-        if options.get("channels_last"):
+        if self.options.get("channels_last"):
             images = images.contiguous(memory_format=torch.channels_last)
-        s_feats = run(student, student_taps, images) if needs_student else {}
+        s_feats = self._run(self.student, self.student_taps, images) if self.needs_student else {}
         t_feats: dict[str, Any] = {}
-        if needs_teacher:
+        if self.needs_teacher:
             with torch.no_grad():
-                if teacher_precision == "same":
-                    t_feats = run(teacher, teacher_taps, images)
+                if self.teacher_precision == "same":
+                    t_feats = self._run(self.teacher, self.teacher_taps, images)
                 else:
-                    dtype = torch.bfloat16 if teacher_precision == "bf16" else torch.float16
-                    with torch.autocast(device.type, dtype=dtype):
-                        t_feats = run(teacher, teacher_taps, images)
+                    dtype = torch.bfloat16 if self.teacher_precision == "bf16" else torch.float16
+                    with torch.autocast(self.device.type, dtype=dtype):
+                        t_feats = self._run(self.teacher, self.teacher_taps, images)
                     t_feats = {k: v.float() for k, v in t_feats.items()}
+        distiller = self.distiller
         s_list = [s_feats[t] for t in distiller.student_layers] if s_feats else []
         t_list = [t_feats[t] for t in distiller.teacher_layers] if t_feats else []
-        if in_stage:
-            loss = distiller.stage_loss(s_list, t_list, batch)
-        else:
-            loss = task_weight * F.cross_entropy(s_feats[LOGITS].float(), batch["label"])
-            if distiller.active_in_main and distiller.weight:
-                loss = loss + distiller.weight * distiller(s_list, t_list, batch)
+        if self.in_stage:
+            return distiller.stage_loss(s_list, t_list, batch)
+        loss = self.task_weight * F.cross_entropy(s_feats[LOGITS].float(), batch["label"])
+        if distiller.active_in_main and distiller.weight:
+            loss = loss + distiller.weight * distiller(s_list, t_list, batch)
+        return loss
+
+
+def _plain(cfg: dict[str, Any], row: dict[str, Any], rounds: _Rounds, side: str) -> None:
+    """The hand-written loop: ``_PlainStep.loss`` then ``zero_grad / backward / step``."""
+    work = _PlainStep(cfg, row)
+    optimizer = work.optimizer()
+    work.train_mode()
+    for batch in work.batches:
+        loss = work.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         rounds.after_step(loss)
 
 
-def _library(conn: Any, cfg: dict[str, Any], row: dict[str, Any], rounds: _Rounds) -> None:
-    """The same fit through ``DistillationModule`` and a ``Trainer``."""
+class _Batches:
+    """The in-memory batches as one iterable (a bare list would read as a list of data loaders)."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _fit(cfg: dict[str, Any], module: Any, batches: list[dict[str, Any]], rounds: _Rounds) -> None:
     import lightning as L
-    import torch
-
-    from lightning_kd import DistillationModule
-
-    teacher, student, distiller, batches = _build(cfg, row)
-    torch.manual_seed(SEED + 2)  # the distiller builds its parts inside the constructor
-    module = DistillationModule(
-        student,
-        teacher,
-        [distiller],
-        task_loss_weight=cfg["task_loss_weight"],
-        num_classes=cfg["num_classes"],
-        input_size=(3, cfg["input_size"], cfg["input_size"]),
-        **row["options"],
-    )
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -337,24 +394,61 @@ def _library(conn: Any, cfg: dict[str, Any], row: dict[str, Any], rounds: _Round
     trainer.fit(module, train_dataloaders=_Batches(batches))
 
 
-class _Batches:
-    """The in-memory batches as one iterable (a bare list would read as a list of data loaders)."""
+def _lightning(cfg: dict[str, Any], row: dict[str, Any], rounds: _Rounds, side: str) -> None:
+    """The plain loop's step inside the smallest LightningModule: what Lightning's loop itself costs."""
+    import lightning as L
 
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
+    work = _PlainStep(cfg, row)
 
-    def __iter__(self) -> Any:
-        return iter(self.batches)
+    class Minimal(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.networks = work.networks
 
-    def __len__(self) -> int:
-        return len(self.batches)
+        def train(self, mode: bool = True) -> Minimal:
+            super().train(mode)
+            work.teacher.eval()
+            return self
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return work.loss(batch)
+
+        def configure_optimizers(self) -> Any:
+            return work.optimizer()
+
+    module = Minimal()
+    work.train_mode()  # Lightning keeps the modes it is given
+    _fit(cfg, module, work.batches, rounds)
+
+
+def _library(cfg: dict[str, Any], row: dict[str, Any], rounds: _Rounds, side: str) -> None:
+    """The same fit through ``DistillationModule`` and a ``Trainer`` (with parts switched off for --breakdown)."""
+    import torch
+
+    from lightning_kd import DistillationModule
+
+    teacher, student, distiller, batches = _build(cfg, row)
+    torch.manual_seed(SEED + 2)  # the distiller builds its parts inside the constructor
+    extra = {"nan_policy": "ignore"} if side in ("library-nocheck", "library-bare") else {}
+    module = DistillationModule(
+        student,
+        teacher,
+        [distiller],
+        task_loss_weight=cfg["task_loss_weight"],
+        num_classes=cfg["num_classes"],
+        input_size=(3, cfg["input_size"], cfg["input_size"]),
+        **row["options"],
+        **extra,
+    )
+    if side == "library-bare":
+        module.log = lambda *args, **kwargs: None
+    _fit(cfg, module, batches, rounds)
 
 
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker when the parent goes (Lightning traps SIGTERM)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -367,7 +461,7 @@ def _worker(conn: Any, side: str, cfg: dict[str, Any], row: dict[str, Any]) -> N
         warnings.filterwarnings("ignore")
         import torch
 
-        import lightning  # noqa: F401 - both sides pay the same imports before the baseline is read
+        import lightning  # noqa: F401 - every side pays the same imports before the baseline is read
         import lightning_kd  # noqa: F401
 
         for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_kd"):
@@ -378,7 +472,8 @@ def _worker(conn: Any, side: str, cfg: dict[str, Any], row: dict[str, Any]) -> N
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         baseline = _max_rss_mib()
         rounds = _Rounds(conn, cfg, sync)
-        (_plain if side == "plain" else _library)(conn, cfg, row, rounds)
+        run = _plain if side == "plain" else _lightning if side == "lightning" else _library
+        run(cfg, row, rounds, side)
         if rounds.step != rounds.total:
             raise RuntimeError(f"the {side} side ran {rounds.step} steps, expected {rounds.total}")
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mib() - baseline
@@ -390,7 +485,7 @@ def _worker(conn: Any, side: str, cfg: dict[str, Any], row: dict[str, Any]) -> N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the parent: alternate the two sides
+# the parent: alternate the sides
 # ----------------------------------------------------------------------------------------------------------
 class WorkerError(RuntimeError):
     pass
@@ -408,10 +503,13 @@ def _expect(conn: Any, kind: str, side: str) -> Any:
     return value
 
 
-def measure(cfg: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """Run one row: both workers warm up, then ``rounds`` alternating timed rounds."""
+def measure(cfg: dict[str, Any], row: dict[str, Any], sides: tuple[str, ...] = MAIN_SIDES) -> dict[str, Any]:
+    """Run one row: one worker per side warms up, then ``rounds`` timed rounds, the order rotating each round.
+
+    Returns, per side, the seconds per step of each round (``"times"``), the minor page faults per step of
+    each round, the first step's loss and the peak memory.
+    """
     context = mp.get_context("spawn")
-    sides = ("plain", "library")
     conns, procs = {}, {}
     finished = False
     try:
@@ -423,10 +521,14 @@ def measure(cfg: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
             conns[side] = parent
         first_loss = {side: _expect(conns[side], "ready", side) for side in sides}
         times: dict[str, list[float]] = {side: [] for side in sides}
+        faults: dict[str, list[float]] = {side: [] for side in sides}
         for r in range(cfg["rounds"]):
-            for side in sides if r % 2 == 0 else sides[::-1]:
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]
+            for side in order if r % 2 == 0 else order[::-1]:
                 conns[side].send("go")
-                times[side].append(_expect(conns[side], "round", side))
+                elapsed, per_step = _expect(conns[side], "round", side)
+                times[side].append(elapsed / cfg["steps"])
+                faults[side].append(per_step)
         peak = {side: _expect(conns[side], "done", side) for side in sides}
         finished = True
     finally:
@@ -435,54 +537,98 @@ def measure(cfg: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    rate = {side: [cfg["steps"] / t for t in times[side]] for side in sides}
-    ratios = [lib / plain for lib, plain in zip(rate["library"], rate["plain"])]
-    a, b = first_loss["plain"], first_loss["library"]
+    return {"times": times, "faults": faults, "first_loss": first_loss, "peak": peak}
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-3 * max(1.0, abs(a))
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """The main table's numbers: median steps/s per side, the median per-round ratio, memory, loss check."""
+    rate = {side: [1.0 / t for t in raw["times"][side]] for side in MAIN_SIDES}
+    a, b = raw["first_loss"]["plain"], raw["first_loss"]["library"]
     return {
         "plain": statistics.median(rate["plain"]),
         "library": statistics.median(rate["library"]),
-        "ratio": statistics.median(ratios),
-        "mem_plain": peak["plain"],
-        "mem_library": peak["library"],
-        "same_loss": abs(a - b) <= 1e-3 * max(1.0, abs(a)),
+        "ratio": statistics.median(lib / plain for lib, plain in zip(rate["library"], rate["plain"])),
+        "mem_plain": raw["peak"]["plain"],
+        "mem_library": raw["peak"]["library"],
+        "faults_plain": statistics.median(raw["faults"]["plain"]),
+        "faults_library": statistics.median(raw["faults"]["library"]),
+        "same_loss": _same(a, b),
         "loss": (a, b),
     }
 
 
-def format_table(cfg: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
-    memory = "peak CUDA memory allocated" if cfg["device"].startswith("cuda") else "peak RSS growth"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def _header(cfg: dict[str, Any], title: str) -> list[str]:
     import lightning
     import torch
 
-    lines = [
-        "# DistillationModule + Trainer versus a plain PyTorch loop",
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"# {title}",
         "",
         f"- workload: {cfg['pair'][0]} -> {cfg['pair'][1]}, batch {cfg['batch_size']}, "
         f"{cfg['input_size']}x{cfg['input_size']} inputs, {cfg['num_classes']} classes, device {cfg['device']}",
         f"- timing: {cfg['warmup']} warm-up steps, then {cfg['rounds']} alternating rounds of {cfg['steps']} steps "
-        "per side; steps/s is the median over rounds, the ratio the median of the per-round ratios",
-        f"- memory: {memory} of each side's own process (MiB)",
+        "per side",
         f"- torch {torch.__version__}, lightning {lightning.__version__}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {cfg['threads'] or torch.get_num_threads()} threads, "
         f"load average at the end {load}, {datetime.datetime.now().isoformat(timespec='seconds')}",
+    ]
+
+
+def format_table(cfg: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
+    cuda = cfg["device"].startswith("cuda")
+    memory = "peak CUDA memory allocated" if cuda else "peak RSS growth"
+    lines = _header(cfg, "DistillationModule + Trainer versus a plain PyTorch loop") + [
+        "- steps/s: median over the rounds; library/plain: median of the per-round ratios",
+        f"- memory: {memory} of each side's own process (MiB); page faults: minor page faults per step "
+        "(allocations served by fresh pages from the kernel)",
         "- option rows (KD + ...) compare against a plain loop with the same option (channels_last networks "
         "and images; torch.compile of both networks; the teacher under bf16 autocast)",
         "",
         f"| method | stage | plain steps/s | library steps/s | library/plain | {memory} plain "
-        f"| {memory} library | same loss |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        f"| {memory} library | page faults/step plain / library | same first loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         r = row.get("result")
         if r is None:
-            lines.append(f"| {row['label']} | {row['stage']} | failed | failed | | | | |")
+            lines.append(f"| {row['label']} | {row['stage']} | failed | failed | | | | | |")
             continue
         lines.append(
             f"| {row['label']} | {row['stage']} | {r['plain']:.2f} | {r['library']:.2f} | {r['ratio']:.3f} | "
-            f"{r['mem_plain']:.0f} | {r['mem_library']:.0f} | "
+            f"{r['mem_plain']:.0f} | {r['mem_library']:.0f} | {r['faults_plain']:.0f} / {r['faults_library']:.0f} | "
             + ("yes |" if r["same_loss"] else "NO: %.6g vs %.6g |" % r["loss"])
         )
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def format_breakdown(cfg: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
+    lines = _header(cfg, "Where the library's time per step goes") + [
+        "- each variant runs in its own process; ms/step is the median over the rounds, the difference the "
+        "median over rounds of (variant - plain); page faults are minor page faults per step",
+        "",
+        "| method | variant | ms/step | minus plain (ms/step) | page faults/step | same first loss |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        raw = row.get("raw")
+        if raw is None:
+            lines.append(f"| {row['label']} | failed | | | | |")
+            continue
+        plain = raw["times"]["plain"]
+        for side, times in raw["times"].items():
+            delta = statistics.median(1000 * (t - p) for t, p in zip(times, plain))
+            same = _same(raw["first_loss"]["plain"], raw["first_loss"][side])
+            lines.append(
+                f"| {row['label']} | {SIDES[side]} | {1000 * statistics.median(times):.2f} | "
+                f"{delta:+.2f} | {statistics.median(raw['faults'][side]):.0f} | {'yes' if same else 'NO'} |"
+            )
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
@@ -506,6 +652,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", default=None, help="comma-separated distiller names (default: every one)")
     parser.add_argument("--options", action="store_true", help="add KD rows with channels_last, compile, teacher bf16")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the main table, time the steps between the plain loop and the library (plain, minimal "
+        "LightningModule, DistillationModule without self.log and the finiteness check, without the check, as "
+        "is); use a small workload, where the fixed cost per step shows, e.g. --pair resnet8,resnet8 "
+        "--input-size 8 --batch-size 2 --steps 100 --methods KD",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not a measurement)")
     parser.add_argument("--output", default="outputs/bench/results.md", help="markdown file for the table")
@@ -548,23 +702,30 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_batches": 4,
     }
     rows, notes = discover(args.methods.split(",") if args.methods else None, args.options)
+    sides = tuple(SIDES) if args.breakdown else MAIN_SIDES
     failed = 0
     for row in rows:
         started = time.perf_counter()
         try:
-            row["result"] = measure(cfg, row)
-            r = row["result"]
-            print(
-                f"{row['label']:<32} plain {r['plain']:8.2f}/s  library {r['library']:8.2f}/s  ratio {r['ratio']:.3f}"
-                f"  ({time.perf_counter() - started:.0f}s)",
-                flush=True,
-            )
+            row["raw"] = measure(cfg, row, sides)
         except WorkerError as error:
             failed += 1
             lines = str(error).strip().splitlines()
             notes.append(f"{row['label']} failed: {lines[0]} {lines[-1].strip()}")
             print(f"{row['label']}: {error}", file=sys.stderr, flush=True)
-    table = format_table(cfg, rows, notes)
+            continue
+        took = f"({time.perf_counter() - started:.0f}s)"
+        if args.breakdown:
+            times = {side: 1000 * statistics.median(t) for side, t in row["raw"]["times"].items()}
+            print(f"{row['label']:<32} " + "  ".join(f"{s} {t:.2f} ms" for s, t in times.items()) + f"  {took}")
+        else:
+            r = row["result"] = summarize(row["raw"])
+            print(
+                f"{row['label']:<32} plain {r['plain']:8.2f}/s  library {r['library']:8.2f}/s  "
+                f"ratio {r['ratio']:.3f}  {took}",
+                flush=True,
+            )
+    table = (format_breakdown if args.breakdown else format_table)(cfg, rows, notes)
     print()
     print(table)
     output = Path(args.output)

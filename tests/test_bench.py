@@ -16,7 +16,7 @@ def _rows(table: str) -> dict[str, list[str]]:
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 8 and cells[0] not in ("method",) and not cells[0].startswith("-"):
+        if line.startswith("|") and len(cells) == 9 and cells[0] != "method" and not cells[0].startswith("-"):
             rows[cells[0]] = cells
     return rows
 
@@ -37,12 +37,13 @@ def test_quick_benchmark_measures_kd_and_a_feature_method(tmp_path: Path) -> Non
     rows = _rows(table)
     assert set(rows) == {"KD", "VID"}, table
     for label, cells in rows.items():
-        _, stage, plain, library, ratio, mem_plain, mem_library, same_loss = cells
+        _, stage, plain, library, ratio, mem_plain, mem_library, faults, same_loss = cells
         assert stage == "main"
         for value in (plain, library, ratio):
             assert re.fullmatch(r"\d+\.\d+", value) and float(value) > 0, (label, cells)
         for value in (mem_plain, mem_library):
             assert re.fullmatch(r"\d+", value) and int(value) > 0, (label, cells)
+        assert re.fullmatch(r"\d+ / \d+", faults), (label, cells)
         # both sides start from the same weights and batches: their first losses agree
         assert same_loss == "yes", (label, cells)
 
@@ -55,3 +56,26 @@ def test_unknown_method_is_refused_with_the_known_names(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "NoSuchMethod" in result.stderr and "KD" in result.stderr
     assert not (tmp_path / "r.md").exists()
+
+
+def test_quick_breakdown_runs_every_variant_on_the_same_work(tmp_path: Path) -> None:
+    output = tmp_path / "breakdown.md"
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--breakdown", "--methods", "KD",
+        "--pair", "resnet8,resnet8", "--input-size", "8", "--batch-size", "4", "--num-classes", "10",
+        "--threads", "1", "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in output.read_text().splitlines()
+        if line.startswith("| KD |")
+    ]
+    assert len(rows) == 5, output.read_text()  # plain, minimal LightningModule and three library variants
+    for _, variant, ms, delta, faults, same in rows:
+        assert float(ms) > 0 and re.fullmatch(r"[+-]\d+\.\d+", delta) and int(faults) >= 0, variant
+        # every variant starts from the same weights and batches and computes the same loss
+        assert same == "yes", variant
