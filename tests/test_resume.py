@@ -60,6 +60,7 @@ def _fit(tmp: Path, env: dict[str, str], config: str, run: str, extra_callbacks:
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # about 4 minutes on 2 cores: run with `make test-slow`
 @pytest.mark.parametrize(
     ("method", "kill_step", "overrides"),
     [
