@@ -63,7 +63,7 @@ def test_quick_breakdown_runs_every_variant_on_the_same_work(tmp_path: Path) -> 
     command = [
         sys.executable, str(SCRIPT), "--quick", "--breakdown", "--methods", "KD",
         "--pair", "resnet8,resnet8", "--input-size", "8", "--batch-size", "4", "--num-classes", "10",
-        "--threads", "1", "--output", str(output),
+        "--threads", "1", "--tuned-malloc", "--output", str(output),
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL
@@ -75,6 +75,7 @@ def test_quick_breakdown_runs_every_variant_on_the_same_work(tmp_path: Path) -> 
         if line.startswith("| KD |")
     ]
     assert len(rows) == 5, output.read_text()  # plain, minimal LightningModule and three library variants
+    assert "MALLOC_TRIM_THRESHOLD_=" in output.read_text()
     for _, variant, ms, delta, faults, same in rows:
         assert float(ms) > 0 and re.fullmatch(r"[+-]\d+\.\d+", delta) and int(faults) >= 0, variant
         # every variant starts from the same weights and batches and computes the same loss
