@@ -10,6 +10,16 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """The zoo's initialisation: Kaiming-normal (fan-out) convolutions, BatchNorm at weight 1 and bias 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a model constructor under its function name (used as a decorator)."""
     if fn.__name__ in _REGISTRY:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import register_model
+from lightning_kd.models.registry import init_conv_bn, register_model
 
 
 class Bottleneck(nn.Module):
@@ -81,12 +81,7 @@ class CIFARBottleneckResNet(nn.Module):
             "embedding": "linear:input",
             "classifier": "linear",
         }
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
