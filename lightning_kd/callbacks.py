@@ -12,7 +12,8 @@ class DistillationProgressBar(RichProgressBar):
     """Lightning's rich progress bar, plus the current stage (``main``, ``ab_init``, ...) for staged methods.
 
     The loss components (``train/ce``, ``train/<distiller>``) are logged with ``prog_bar=True`` by the module,
-    so they appear next to ``train/loss``.
+    so they appear next to ``train/loss``; they are refreshed on the steps the loggers write
+    (``Trainer(log_every_n_steps)``) and at the end of each epoch.
     """
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -319,7 +319,7 @@ def test_short_fit_on_digits_gives_finite_losses() -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
             losses.append(float(trainer.callback_metrics["train/crd"]))
 
-    make_trainer(max_steps=3, limit_val_batches=0, callbacks=[Record()]).fit(model, datamodule=dm)
+    make_trainer(max_steps=3, limit_val_batches=0, log_every_n_steps=1, callbacks=[Record()]).fit(model, datamodule=dm)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert crd.num_data == dm.num_samples  # the banks were sized from the data module at setup
     assert (crd.normalizer > 0).all()

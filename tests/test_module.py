@@ -183,3 +183,71 @@ def test_non_finite_loss_stops_and_names_the_component() -> None:
                                   nan_policy="skip", **SMALL)
     make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1).fit(skipping, digits())
     assert skipping.skipped_batches == 3
+
+
+class _ExplodesAt(Distiller):
+    """Finite until its ``at``-th call, then ``inf``."""
+
+    default_student_layers = ("logits",)
+
+    def __init__(self, at: int, **kw) -> None:
+        super().__init__(**kw)
+        self.at, self.calls = at, 0
+
+    def forward(self, student, teacher, batch):
+        self.calls += 1
+        scale = float("inf") if self.calls > self.at else 1.0
+        return student[0].square().mean() * scale
+
+
+def test_non_finite_loss_is_reported_at_its_own_step_when_checked_later() -> None:
+    # log_every_n_steps=50: nothing synchronises before the end of the fit, yet the error names step 3
+    module = DistillationModule("resnet8", teacher="resnet8", distillers=[_ExplodesAt(3, name="late")], **SMALL)
+    with pytest.raises(FloatingPointError, match=r"global step 3 \(epoch 0, stage 'main'\) from component\(s\) \['late'\]"):
+        make_trainer(max_steps=6, limit_val_batches=0).fit(module, digits())
+
+
+def test_no_checkpoint_is_written_after_a_non_finite_step(tmp_path: Path) -> None:
+    module = DistillationModule("resnet8", teacher="resnet8", distillers=[_ExplodesAt(1, name="late")], **SMALL)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    with pytest.raises(FloatingPointError, match="global step 1"):
+        make_trainer(max_steps=6, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]).fit(
+            module, digits()
+        )
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+class _LogSpy(Callback):
+    """The ``train/*`` names the module logs at each global step."""
+
+    def __init__(self) -> None:
+        self.logged: dict[int, set[str]] = {}
+
+    def on_fit_start(self, trainer, module) -> None:
+        log = module.log
+
+        def spy(name, value, *args, **kwargs):
+            if name.startswith("train/") and kwargs.get("on_step", True):
+                self.logged.setdefault(module.global_step, set()).add(name)
+            return log(name, value, *args, **kwargs)
+
+        module.log = spy
+
+
+def test_loss_components_are_logged_on_the_loggers_steps_and_the_last_ones(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    spy = _LogSpy()
+    trainer = make_trainer(max_epochs=2, limit_train_batches=10, limit_val_batches=0, log_every_n_steps=4,
+                           logger=CSVLogger(tmp_path, name="run"), callbacks=[spy])
+    trainer.fit(kd_module(), digits())
+    # the loggers write at global steps 3, 7, 11, 15, 19 (Lightning's rule: (step + 1) % 4 == 0);
+    # the module adds the last step of each epoch (9, 19)
+    assert sorted(spy.logged) == [3, 7, 9, 11, 15, 19]
+    assert all(names == {"train/loss", "train/ce", "train/kd"} for names in spy.logged.values())
+    import csv
+
+    with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("train/kd")]
+    assert [int(r["step"]) for r in rows] == [3, 7, 11, 15, 19]
+    assert float(trainer.callback_metrics["train/kd"]) == pytest.approx(float(rows[-1]["train/kd"]), rel=1e-6)
