@@ -42,6 +42,7 @@ class Row:
     last_acc1: float
     best_acc1: float
     curve: list[float]
+    train_curve: list[tuple[int, float]]
 
 
 def available_methods(configs: Path = CONFIGS) -> list[str]:
@@ -50,12 +51,19 @@ def available_methods(configs: Path = CONFIGS) -> list[str]:
     return sorted(names, key=lambda n: (n != "kd", n))
 
 
-def _val_curve(log_dir: str | None) -> list[float]:
-    """Validation top-1 per epoch from a CSVLogger's metrics.csv."""
+def _curves(log_dir: str | None) -> tuple[list[float], list[tuple[int, float]]]:
+    """From a CSVLogger's metrics.csv: validation top-1 per epoch, and (step, cross-entropy) in training.
+
+    The cross-entropy with the labels (``train/ce``, the task loss every method keeps) is the training curve
+    the runs share; staged methods log it in their main stage only.
+    """
     if not log_dir or not (Path(log_dir) / "metrics.csv").exists():
-        return []
+        return [], []
     with open(Path(log_dir) / "metrics.csv", newline="") as handle:
-        return [float(r["val/acc1"]) for r in csv.DictReader(handle) if r.get("val/acc1")]
+        rows = list(csv.DictReader(handle))
+    val = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
+    train = [(int(r["step"]), float(r["train/ce"])) for r in rows if r.get("train/ce")]
+    return val, train
 
 
 def run_config(name: str, config: Path, extra: list[str]) -> Row:
@@ -64,7 +72,7 @@ def run_config(name: str, config: Path, extra: list[str]) -> Row:
     cli = run_cli(["fit", "--config", str(config), *extra])
     seconds = time.perf_counter() - start
     trainer, module = cli.trainer, cli.model
-    curve = _val_curve(trainer.logger.log_dir if trainer.logger else None)
+    curve, train_curve = _curves(trainer.logger.log_dir if trainer.logger else None)
     last = float(trainer.callback_metrics.get("val/acc1", float("nan")))
     return Row(
         name=name,
@@ -74,6 +82,7 @@ def run_config(name: str, config: Path, extra: list[str]) -> Row:
         last_acc1=last,
         best_acc1=max(curve) if curve else last,
         curve=curve,
+        train_curve=train_curve,
     )
 
 
@@ -88,7 +97,7 @@ def teacher_row(retrain: bool, extra: list[str]) -> Row:
     )
     acc = float(cli.trainer.callback_metrics["val/acc1"])
     params = sum(p.numel() for p in cli.model.student.parameters())
-    return Row("teacher (cached)", params, 0, time.perf_counter() - start, acc, acc, [])
+    return Row("teacher (cached)", params, 0, time.perf_counter() - start, acc, acc, [], [])
 
 
 def format_table(rows: list[Row]) -> str:
@@ -105,7 +114,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Bar chart of final accuracy per run (teacher and student alone as lines) and the validation curves."""
+    """Final accuracy per run (teacher and student alone as lines), validation curves, training curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +123,7 @@ def plot(rows: list[Row], path: Path) -> None:
     teacher = next((r for r in rows if r.name.startswith("teacher")), None)
     student = next((r for r in rows if r.name == "student alone"), None)
     methods = [r for r in rows if not r.name.startswith("teacher") and r.name != "student alone"]
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (bars, curves, training) = plt.subplots(1, 3, figsize=(18, 4.8))
     names = [r.name for r in methods]
     bars.bar(names, [100 * r.last_acc1 for r in methods], color="tab:blue", label="distilled student")
     if teacher:
@@ -128,13 +137,21 @@ def plot(rows: list[Row], path: Path) -> None:
     bars.tick_params(axis="x", rotation=45)
     bars.legend(loc="lower right", fontsize=8)
     for r in rows:
+        style = {"lw": 2.5, "color": "black"} if r.name == "student alone" else {"lw": 1}
         if r.curve:
-            style = {"lw": 2.5, "color": "black"} if r.name == "student alone" else {"lw": 1}
             curves.plot(range(1, len(r.curve) + 1), [100 * a for a in r.curve], label=r.name, **style)
+        if r.train_curve:
+            steps, values = zip(*r.train_curve)
+            training.plot(steps, values, label=r.name, **style)
     curves.set_xlabel("epoch")
     curves.set_ylabel("validation top-1 (%)")
     curves.set_title("Validation curves")
     curves.legend(fontsize=7, ncol=2)
+    training.set_xlabel("training step")
+    training.set_ylabel("cross-entropy with the labels")
+    training.set_yscale("log")
+    training.set_title("Training curves (train/ce)")
+    training.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

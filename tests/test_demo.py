@@ -20,3 +20,18 @@ def test_demo_quick_mode_writes_table_and_plot(tmp_path: Path, cli_env: dict[str
     assert (out / "results.png").stat().st_size > 10_000
     assert (tmp_path / "outputs/digits/teacher/teacher.ckpt").exists()  # the teacher is cached for next time
     assert "| kd |" in result.stdout
+
+
+def test_curves_are_read_from_the_csv_logger(tmp_path: Path) -> None:
+    from lightning_kd.demo import _curves
+
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/ce,train/kd,val/acc1\n"
+        "0,9,2.25,0.5,\n"
+        "0,22,,,0.75\n"
+        "1,29,1.5,0.25,\n"
+        "1,45,,,0.875\n"
+    )
+    assert _curves(str(tmp_path)) == ([0.75, 0.875], [(9, 2.25), (29, 1.5)])
+    assert _curves(str(tmp_path / "missing")) == ([], [])
+    assert _curves(None) == ([], [])
