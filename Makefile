@@ -27,7 +27,8 @@ demo: install
 	$(PY) -m lightning_kd.demo --output $(OUT)
 
 bench: install
-	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_overhead.py --options
+	$(PY) benchmarks/bench_data.py
 
 reproduce: install
 	$(PY) -m lightning_kd.reproduce

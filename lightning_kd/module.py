@@ -97,7 +97,8 @@ class DistillationModule(L.LightningModule):
             from ``teacher``/``teacher_checkpoint`` on resume).
         nan_policy: on a non-finite loss, ``"raise"`` (stop, naming the component and the step; checked
             without a per-step synchronisation, so the error comes at the next logging step, epoch end or
-            checkpoint, see :mod:`lightning_kd.finite`), ``"skip"`` (drop the batch and count it in ``train/skipped``; single-device only) or ``"ignore"``.
+            checkpoint, see :mod:`lightning_kd.finite`), ``"skip"`` (drop the batch and count it in
+            ``train/skipped``; single-device only) or ``"ignore"``.
         channels_last: keep both networks and the images in the ``channels_last`` memory format (faster
             convolutions on recent GPUs and CPUs with oneDNN).
         compile: ``torch.compile`` the student and the teacher in place when the fit starts (taps keep

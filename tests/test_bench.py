@@ -1,4 +1,4 @@
-"""The overhead benchmark runs end to end (``--quick``) and writes its table; no assertion on speed."""
+"""The benchmarks run end to end (``--quick``) and write their tables; no assertion on speed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_overhead.py"
@@ -80,3 +82,38 @@ def test_quick_breakdown_runs_every_variant_on_the_same_work(tmp_path: Path) -> 
         assert float(ms) > 0 and re.fullmatch(r"[+-]\d+\.\d+", delta) and int(faults) >= 0, variant
         # every variant starts from the same weights and batches and computes the same loss
         assert same == "yes", variant
+
+
+def test_quick_data_benchmark_compares_worker_settings(tmp_path: Path) -> None:
+    output = tmp_path / "data.md"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--quick", "--workers", "0,1",
+        "--pair", "resnet8,resnet8", "--batch-size", "8", "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = output.read_text()
+    rows = [line.strip("|").split("|") for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(cells[0]) for cells in rows] == [0, 1], table
+    for cells in rows:
+        values = [c.strip().replace(",", "").rstrip("x") for c in cells[1:6]]  # loader, fit, demand, ratios
+        assert all(float(v) > 0 for v in values), cells
+    assert rows[0][5].strip() == "1.000"  # the first setting is the reference
+
+
+def test_data_benchmark_dataset_decodes_like_torchvision_cifar() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_data import InMemoryCIFAR
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from lightning_kd.data.cifar import CIFAR100_MEAN, CIFAR100_STD
+
+    data = InMemoryCIFAR(4, train=False)
+    image, label = data[2]
+    expected = (torch.from_numpy(data.data[2]).permute(2, 0, 1).float() / 255 - torch.tensor(CIFAR100_MEAN)[:, None, None]) \
+        / torch.tensor(CIFAR100_STD)[:, None, None]
+    assert image.shape == (3, 32, 32) and 0 <= label < 100
+    assert torch.allclose(image, expected, atol=1e-6)

@@ -299,3 +299,36 @@ def test_image_folder_module_errors(tmp_path: Path) -> None:
         dm.setup()
     with pytest.raises(FileNotFoundError, match="train_dir"):
         _ = ImageFolderDataModule(tmp_path / "missing", tmp_path / "val").num_classes
+
+
+@pytest.mark.parametrize(
+    ("cores", "accelerated", "expected"),
+    [(1, False, 0), (2, False, 0), (4, False, 0), (8, False, 1), (16, False, 2), (128, False, 8),
+     (1, True, 0), (2, True, 1), (8, True, 7), (64, True, 8)],
+)
+def test_default_workers_leave_a_cpu_training_its_cores(cores: int, accelerated: bool, expected: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lightning_kd.data.base import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(accelerated) == expected
+
+
+def test_loaders_pick_their_workers_for_the_trainers_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import lightning as L
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    dm = _FakeCIFAR(data_dir="unused", batch_size=10, download=False)
+    dm.setup("fit")
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    loader = dm.train_dataloader()
+    assert (loader.num_workers, loader.persistent_workers, loader.pin_memory) == (2, True, False)
+    explicit = _FakeCIFAR(data_dir="unused", batch_size=10, download=False, num_workers=0)
+    explicit.setup("fit")
+    assert explicit.train_dataloader().num_workers == 0
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        _FakeCIFAR(data_dir="unused", download=False, num_workers=-1)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -42,10 +43,21 @@ class DictDataset(Dataset):
         return sample
 
 
-def default_num_workers() -> int:
-    """Loader workers that keep the cores busy without oversubscribing: cores - 1, at most 8."""
+def default_num_workers(accelerated: bool | None = None) -> int:
+    """Loader workers that keep the training fed without taking its cores.
+
+    With an accelerator (``accelerated``; default: whether CUDA is available) the cores only prepare batches:
+    cores - 1, at most 8. On a CPU the training itself uses every core, and a worker competes with it: on a
+    2-core machine a KD fit of resnet56 -> resnet20 ran 6% slower with one worker than with loading in the
+    main process, whose share of a step is about 4% (``benchmarks/bench_data.py``). So without an
+    accelerator: none up to 4 cores, then one per 8 cores (at most 8).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    if accelerated is None:
+        accelerated = torch.cuda.is_available()
+    if accelerated:
+        return max(0, min(8, cores - 1))
+    return 0 if cores <= 4 else min(8, cores // 8)
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -53,7 +65,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     Args:
         batch_size: samples per batch (per device).
-        num_workers: loader processes; ``None`` picks :func:`default_num_workers`.
+        num_workers: loader processes; ``None`` picks :func:`default_num_workers` for the Trainer's accelerator
+            when the loaders are built (pinned memory and persistent workers follow).
         return_index: add each training sample's dataset index to the batch (``batch["index"]``).
         contrast_negatives: CRD's K: when positive, training batches also carry ``index`` (B,) and
             ``contrast_index`` (B, K + 1): column 0 the sample itself, then K samples of other classes
@@ -78,7 +91,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if contrast_negatives < 0:
             raise ValueError(f"contrast_negatives must be >= 0 (0 = off), got {contrast_negatives}")
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (or None for the default), got {num_workers}")
+        self.num_workers = num_workers
         self.return_index = return_index
         self.contrast_negatives = int(contrast_negatives)
         self.contrast_replacement = contrast_replacement
@@ -109,17 +124,29 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         return DictDataset(dataset, return_index=self.return_index)
 
+    def _on_cuda(self) -> bool:
+        """Whether the batches go to a CUDA device (the attached Trainer's accelerator, else availability)."""
+        trainer = self.trainer
+        if trainer is None:
+            return torch.cuda.is_available()
+        return isinstance(trainer.accelerator, CUDAAccelerator)
+
+    def loader_workers(self) -> int:
+        """``num_workers``, or the default for where training runs."""
+        return default_num_workers(self._on_cuda()) if self.num_workers is None else self.num_workers
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        workers = self.loader_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=ResumableRandomSampler(dataset, seed=torch.initial_seed()) if train else None,
             drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self._on_cuda(),
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

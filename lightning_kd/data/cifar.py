@@ -28,7 +28,8 @@ class CIFAR100DataModule(ClassificationDataModule):
     Args:
         data_dir: where the dataset is (or will be downloaded).
         batch_size: samples per batch (reference: 64).
-        num_workers: loader processes (default: cores - 1, at most 8).
+        num_workers: loader processes (default: :func:`~lightning_kd.data.base.default_num_workers`: cores - 1,
+            at most 8, when training on a GPU; none on a CPU of up to 4 cores).
         return_index: add each training sample's index to the batch (``batch["index"]``).
         download: fetch the data if it is not in ``data_dir``.
         contrast_negatives: CRD's K (reference 16384): training batches also carry ``index`` and

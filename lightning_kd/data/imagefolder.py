@@ -39,7 +39,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_dir: folder of the validation images, same sub-folders.
         image_size: side of the crops fed to the networks (224 for ImageNet).
         batch_size: samples per batch (per device).
-        num_workers: loader processes (default: cores - 1, at most 8).
+        num_workers: loader processes (default: :func:`~lightning_kd.data.base.default_num_workers`: cores - 1,
+            at most 8, when training on a GPU; none on a CPU of up to 4 cores).
         return_index: add each training sample's index to the batch (``batch["index"]``).
         contrast_negatives: CRD's K: training batches also carry ``index`` and ``contrast_index``
             (B, K + 1); 0 = off. See :mod:`lightning_kd.data.contrast`.
