@@ -10,7 +10,9 @@ Every option of the configs can be overridden on the command line (``--trainer.m
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -39,6 +41,23 @@ class DistillationCLI(LightningCLI):
             config["weights_only"] = True
 
 
+class _DropAdvertisement(logging.Filter):
+    """Lightning's start-up tips recommending its cloud services (litlogger, litmodels): noise for a run that
+    stays offline."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_lightning_notices() -> None:
+    """Leave out start-up messages a user cannot act on: Lightning's cloud-service tips, and the deprecation
+    of ``torch.utils._pytree.LeafSpec`` that Lightning's own code triggers with this torch."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvertisement())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script."""
     run_cli(args)
@@ -46,6 +65,7 @@ def main(args: list[str] | None = None) -> None:
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> DistillationCLI:
     """Build (and by default run) the CLI on ``args``; returns it, so callers can read its trainer and model."""
+    quiet_lightning_notices()
     return DistillationCLI(
         DistillationModule,
         L.LightningDataModule,
