@@ -36,7 +36,8 @@ class DeferredFiniteCheck:
         return len(self._pending)
 
     def record(self, step: int, epoch: int, stage: str, losses: dict[str, Tensor]) -> None:
-        """Keep this step's components (no synchronisation: one small stack on their device)."""
+        """Keep this step's components (no synchronisation: one small stack on their device). An entry named
+        ``"total"`` (the weighted sum) is reported only when no other component is non-finite."""
         values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])
         self._pending.append(_Step(step, epoch, stage, tuple(losses), values))
 
@@ -61,9 +62,6 @@ class DeferredFiniteCheck:
             if bad:
                 shown = dict(zip(entry.names, step_values))
                 raise non_finite_error(entry.step, entry.epoch, entry.stage, bad, shown)
-
-    def clear(self) -> None:
-        self._pending.clear()
 
 
 def non_finite_error(
