@@ -131,21 +131,18 @@ class ClassificationDataModule(L.LightningDataModule):
             return torch.cuda.is_available()
         return isinstance(trainer.accelerator, CUDAAccelerator)
 
-    def loader_workers(self) -> int:
-        """``num_workers``, or the default for where training runs."""
-        return default_num_workers(self._on_cuda()) if self.num_workers is None else self.num_workers
-
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        workers = self.loader_workers()
+        on_cuda = self._on_cuda()
+        workers = default_num_workers(on_cuda) if self.num_workers is None else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=ResumableRandomSampler(dataset, seed=torch.initial_seed()) if train else None,
             drop_last=False,
             num_workers=workers,
-            pin_memory=self._on_cuda(),
+            pin_memory=on_cuda,
             persistent_workers=workers > 0,
         )
 
