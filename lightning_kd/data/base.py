@@ -11,29 +11,21 @@ import os
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.accelerators import CUDAAccelerator
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kd.data.contrast import ContrastiveDataset
-from lightning_kd.data.sampling import ResumableRandomSampler
+from lightning_kd.data.sampling import ResumableRandomSampler, WrappedDataset
 
 
-class DictDataset(Dataset):
+class DictDataset(WrappedDataset):
     """Wrap a dataset of ``(image, label)`` pairs so that it yields dictionaries (optionally with the index)."""
 
     def __init__(self, dataset: Dataset, return_index: bool = False) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self.return_index = return_index
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the wrapped dataset (for per-sample seeded augmentation)."""
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.dataset[index]

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
+from lightning_kd.data.sampling import WrappedDataset
+
 
 class NegativeSampler:
     """Draws K indices of samples from classes other than a given one (vectorised, no loop over K).
@@ -134,7 +136,7 @@ def labels_of(dataset: Dataset) -> Tensor:
     return torch.as_tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.long)
 
 
-class ContrastiveDataset(Dataset):
+class ContrastiveDataset(WrappedDataset):
     """A dataset of ``(image, label)`` pairs as dictionaries with CRD's indices.
 
     Each item is ``{"image", "label", "index": i, "contrast_index": (K + 1,)}`` where
@@ -155,7 +157,7 @@ class ContrastiveDataset(Dataset):
         labels: Tensor | None = None,
         replacement: bool = True,
     ) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         labels = labels_of(dataset) if labels is None else torch.as_tensor(labels, dtype=torch.long)
         size = len(dataset)  # type: ignore[arg-type]
         if labels.numel() != size:
@@ -163,9 +165,6 @@ class ContrastiveDataset(Dataset):
         self.sampler = NegativeSampler(labels, num_negatives, replacement=replacement)
         self._generator: torch.Generator | None = None
         self._generator_key: tuple[Any, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
 
     def generator(self) -> torch.Generator | None:
         """The generator of the negatives in this loader process.
@@ -184,11 +183,6 @@ class ContrastiveDataset(Dataset):
             self._generator = torch.Generator().manual_seed(int(info.seed) % 2**63)
             self._generator_key = key
         return self._generator
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the wrapped dataset (for per-sample seeded augmentation)."""
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.dataset[index]

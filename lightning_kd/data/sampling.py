@@ -5,7 +5,8 @@ and :meth:`ResumableRandomSampler.skip` starts the next epoch part-way through, 
 batches and resumed from its checkpoint sees exactly the batches it would have seen. The
 :class:`~lightning_kd.DistillationModule` calls ``skip`` itself when Lightning restores a fit inside an
 epoch. Lightning calls :meth:`set_epoch` at the start of every epoch; it is forwarded to the dataset (when it
-has ``set_epoch``) so that per-sample augmentation can be seeded by epoch and index too.
+has ``set_epoch``) so that per-sample augmentation can be seeded by epoch and index too; the library's
+wrapping datasets (:class:`WrappedDataset`) pass it on to the dataset they wrap.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 _EPOCH_STRIDE = 1_000_003
 
@@ -51,3 +52,18 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.data_source)
+
+
+class WrappedDataset(Dataset):
+    """Base of the datasets that wrap another one: its length, and :meth:`set_epoch` passed on to it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset (for per-sample seeded augmentation)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
