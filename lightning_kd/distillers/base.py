@@ -148,6 +148,12 @@ class RelationalDistiller(Distiller):
             return [gather_with_grad(f) for f in features]
         return features
 
+    def gathered_pairs(
+        self, student_features: list[Tensor], teacher_features: list[Tensor]
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The (student, teacher) layer pairs, each gathered as :meth:`gather` does."""
+        return zip(self.gather(student_features), self.gather(teacher_features))
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_scope={self.batch_scope!r}"
 

@@ -28,5 +28,4 @@ class PKT(RelationalDistiller):
         self.eps = float(eps)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        pairs = zip(self.gather(student_features), self.gather(teacher_features))
-        return sum(pkt_loss(s, t, self.eps) for s, t in pairs)
+        return sum(pkt_loss(s, t, self.eps) for s, t in self.gathered_pairs(student_features, teacher_features))

@@ -32,5 +32,5 @@ class RKD(RelationalDistiller):
         self.angle_weight = float(angle_weight)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        pairs = zip(self.gather(student_features), self.gather(teacher_features))
+        pairs = self.gathered_pairs(student_features, teacher_features)
         return sum(rkd_loss(s, t, self.distance_weight, self.angle_weight) for s, t in pairs)

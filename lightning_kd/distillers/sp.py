@@ -26,4 +26,4 @@ class SP(RelationalDistiller):
         super().__init__(weight=weight, **kwargs)
 
     def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        return sum(sp_loss(s, t) for s, t in zip(self.gather(student_features), self.gather(teacher_features)))
+        return sum(sp_loss(s, t) for s, t in self.gathered_pairs(student_features, teacher_features))
