@@ -34,14 +34,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "benchmarks"):  # the package, and bench_overhead beside this script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from bench_overhead import training_only_trainer  # noqa: E402
 from lightning_kd.data.base import default_num_workers  # noqa: E402
 from lightning_kd.data.cifar import CIFAR100DataModule, cifar100_transforms  # noqa: E402
 
@@ -109,19 +111,7 @@ def fit_steps_per_second(workers: int, cfg: dict[str, Any]) -> float:
     steps = cfg["warmup"] + cfg["steps"]
     batch_size = cfg["batch_size"]
     data = InMemoryCIFAR100DataModule(samples=steps * batch_size, batch_size=batch_size, num_workers=workers)
-    trainer = L.Trainer(
-        accelerator="gpu" if cfg["device"] == "cuda" else "cpu",
-        devices=1,
-        max_steps=steps,
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[Clock()],
-    )
+    trainer = training_only_trainer(cfg["device"], steps, [Clock()])
     trainer.fit(module, datamodule=data)
     return cfg["steps"] / (stamps[1] - stamps[0])
 

@@ -373,17 +373,15 @@ class _Batches:
         return len(self.batches)
 
 
-def _fit(cfg: dict[str, Any], module: Any, batches: list[dict[str, Any]], rounds: _Rounds) -> None:
+def training_only_trainer(device: str, max_steps: int, callbacks: list[Any]) -> Any:
+    """A Trainer that only trains (one device, one epoch at most): no logger, checkpoint, progress bar, model
+    summary or validation, so that what is timed is the training steps."""
     import lightning as L
 
-    class Timer(L.Callback):
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            rounds.after_step(outputs["loss"])
-
-    trainer = L.Trainer(
-        accelerator="gpu" if cfg["device"].startswith("cuda") else "cpu",
+    return L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
-        max_steps=rounds.total,
+        max_steps=max_steps,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -391,8 +389,18 @@ def _fit(cfg: dict[str, Any], module: Any, batches: list[dict[str, Any]], rounds
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[Timer()],
+        callbacks=callbacks,
     )
+
+
+def _fit(cfg: dict[str, Any], module: Any, batches: list[dict[str, Any]], rounds: _Rounds) -> None:
+    import lightning as L
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            rounds.after_step(outputs["loss"])
+
+    trainer = training_only_trainer(cfg["device"], rounds.total, [Timer()])
     trainer.fit(module, train_dataloaders=_Batches(batches))
 
 
