@@ -410,6 +410,8 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         batch = as_batch(batch)
+        for distiller in self.distillers:
+            distiller.set_epoch(self.current_epoch - self._stage.start_epoch)
         losses, weights = self.compute_losses(batch)
         loss = sum(weights[name] * value for name, value in losses.items())
         if self._idle_params and self.trainer.world_size > 1:

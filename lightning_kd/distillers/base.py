@@ -77,6 +77,9 @@ class Distiller(nn.Module):
         self.stage_epochs = int(stage_epochs)
         #: name of the stage the module is in ("main" or "<name>_init"); set by the module
         self.stage = "main"
+        #: 0-based epoch counted from the start of the current stage; set by the module before every step
+        #: (methods with a warm-up read it, e.g. DKD's ``min((epoch + 1) / W, 1)``)
+        self.epoch = 0
 
     # --- set-up -------------------------------------------------------------------------------------------
     def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
@@ -115,6 +118,10 @@ class Distiller(nn.Module):
     def on_stage(self, stage: str) -> None:
         """Called by the module whenever a stage begins (also when a fit resumes inside one)."""
         self.stage = stage
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the module before each training step with the 0-based epoch within the current stage."""
+        self.epoch = int(epoch)
 
     def extra_repr(self) -> str:
         return (
