@@ -55,6 +55,8 @@ class Distiller(nn.Module):
     stage_needs_student: bool = True
     #: whether student layer i is compared with teacher layer i (then both lists must have the same length)
     paired_layers: bool = True
+    #: weights of named terms when :meth:`forward` returns a dictionary (terms not listed use ``weight``)
+    component_weights: dict[str, float] = {}
 
     def __init__(
         self,
@@ -82,6 +84,12 @@ class Distiller(nn.Module):
         self.epoch = 0
 
     # --- set-up -------------------------------------------------------------------------------------------
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once by the module before :meth:`build`, with both networks (the teacher's weights already
+        loaded). For methods that read network *parameters* rather than features (OFD's margins come from the
+        teacher's BatchNorm); a distiller must not keep references to the networks or call them. Default: nothing.
+        """
+
     def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
         """Create the learnable parts from the probe's features (one tensor per layer, batch of 2).
 
@@ -90,8 +98,14 @@ class Distiller(nn.Module):
         """
 
     # --- the loss -----------------------------------------------------------------------------------------
-    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
-        """Return this method's (unweighted) loss for one batch."""
+    def forward(
+        self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch
+    ) -> Tensor | dict[str, Tensor]:
+        """Return this method's (unweighted) loss for one batch.
+
+        A method with several terms may return a dictionary of named scalar terms instead; each is logged as
+        ``train/<name>/<key>`` and weighted by ``component_weights.get(key, self.weight)``.
+        """
         raise NotImplementedError
 
     # --- stages -------------------------------------------------------------------------------------------
