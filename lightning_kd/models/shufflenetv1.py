@@ -5,8 +5,9 @@ and 4 units.
 A 1x1 conv stem to 24 channels (BN, ReLU; no pooling), three stages whose first unit has stride 2 and
 concatenates its branch with a 3x3 average-pooled shortcut, the other units adding an identity shortcut;
 global average pooling and a linear classifier. A unit: grouped 1x1 conv to a quarter of its output width
-(ungrouped when it reads the 24-channel stem), BN, ReLU, channel shuffle, 3x3 depthwise conv (BN), grouped
-1x1 conv (BN), shortcut, ReLU.
+(ungrouped, and then not shuffled, when it reads the 24-channel stem), BN, ReLU, channel shuffle, 3x3
+depthwise conv (BN, ReLU: unlike the paper's unit, the benchmark's has a ReLU here), grouped 1x1 conv (BN),
+shortcut, ReLU.
 
 Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
 
@@ -50,6 +51,7 @@ class ShuffleUnit(nn.Module):
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
+        self.relu2 = nn.ReLU()
         self.conv3 = nn.Conv2d(mid, branch, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(branch)
         self.shortcut = nn.AvgPool2d(3, 2, 1) if stride == 2 else nn.Identity()
@@ -58,7 +60,8 @@ class ShuffleUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = channel_shuffle(self.relu1(self.bn1(self.conv1(x))), self.first_groups)
-        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         shortcut = self.shortcut(x)
         out = torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut
         return self.relu(self.preact(out))
