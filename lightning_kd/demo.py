@@ -26,9 +26,24 @@ from lightning_kd.cli import run_cli
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "digits"
+METHOD_CONFIGS = ROOT / "configs" / "methods"
 TEACHER_CKPT = Path("outputs/digits/teacher/teacher.ckpt")
-NOT_METHODS = {"teacher", "student"}
+STANDALONE = ("teacher", "student")
+
+
+def digits_config_args(method: str) -> list[str]:
+    """The ``--config`` arguments of one digits run: ``teacher`` and ``student`` are standalone configs; a method
+    composes ``configs/digits/base.yaml`` with ``configs/methods/<method>.yaml`` and, when it exists, the method's
+    digits override ``configs/digits/overrides/<method>.yaml``."""
+    if method in STANDALONE:
+        return ["--config", str(CONFIGS / f"{method}.yaml")]
+    if not (METHOD_CONFIGS / f"{method}.yaml").exists():
+        raise ValueError(f"no method config configs/methods/{method}.yaml; available: {available_methods()}")
+    args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(METHOD_CONFIGS / f"{method}.yaml")]
+    override = CONFIGS / "overrides" / f"{method}.yaml"
+    return args + (["--config", str(override)] if override.exists() else [])
 
 
 @dataclass
@@ -45,9 +60,9 @@ class Row:
     train_curve: list[tuple[int, float]]
 
 
-def available_methods(configs: Path = CONFIGS) -> list[str]:
-    """Method names with a digits config, KD first, then alphabetical."""
-    names = sorted(p.stem for p in configs.glob("*.yaml") if p.stem not in NOT_METHODS)
+def available_methods(configs: Path = METHOD_CONFIGS) -> list[str]:
+    """Method names with a method config, KD first, then alphabetical."""
+    names = sorted(p.stem for p in configs.glob("*.yaml"))
     return sorted(names, key=lambda n: (n != "kd", n))
 
 
@@ -66,10 +81,10 @@ def _curves(log_dir: str | None) -> tuple[list[float], list[tuple[int, float]]]:
     return val, train
 
 
-def run_config(name: str, config: Path, extra: list[str]) -> Row:
-    """``lightning-kd fit --config config`` in this process; returns its results."""
+def run_config(name: str, config_args: list[str], extra: list[str]) -> Row:
+    """``lightning-kd fit <config_args>`` in this process; returns its results."""
     start = time.perf_counter()
-    cli = run_cli(["fit", "--config", str(config), *extra])
+    cli = run_cli(["fit", *config_args, *extra])
     seconds = time.perf_counter() - start
     trainer, module = cli.trainer, cli.model
     curve, train_curve = _curves(trainer.logger.log_dir if trainer.logger else None)
@@ -90,7 +105,7 @@ def teacher_row(retrain: bool, extra: list[str]) -> Row:
     """Train the teacher, or measure the cached one with ``lightning-kd validate``."""
     if retrain or not TEACHER_CKPT.exists():
         TEACHER_CKPT.unlink(missing_ok=True)
-        return run_config("teacher", CONFIGS / "teacher.yaml", extra)
+        return run_config("teacher", digits_config_args("teacher"), extra)
     start = time.perf_counter()
     cli = run_cli(
         ["validate", "--config", str(CONFIGS / "teacher.yaml"), f"--ckpt_path={TEACHER_CKPT}", "--trainer.logger=false"]
@@ -168,9 +183,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     methods = available_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    missing = [m for m in methods if not (CONFIGS / f"{m}.yaml").exists()]
+    missing = [m for m in methods if not (METHOD_CONFIGS / f"{m}.yaml").exists()]
     if missing:
-        parser.error(f"no digits config for {missing}; available: {available_methods()}")
+        parser.error(f"no method config for {missing}; available: {available_methods()}")
     extra = ["--trainer.enable_model_summary=false"]
     if args.epochs is not None:
         extra.append(f"--trainer.max_epochs={args.epochs}")
@@ -180,10 +195,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rows = [teacher_row(args.retrain_teacher, extra)]
-    rows.append(run_config("student alone", CONFIGS / "student.yaml", extra))
+    rows.append(run_config("student alone", digits_config_args("student"), extra))
     for method in methods:
         # staged methods (AB, FT, FSP) set their own max_epochs; --epochs applies to them as well
-        rows.append(run_config(method, CONFIGS / f"{method}.yaml", [*extra, f"--model.teacher_checkpoint={TEACHER_CKPT}"]))
+        rows.append(run_config(method, digits_config_args(method), [*extra, f"--model.teacher_checkpoint={TEACHER_CKPT}"]))
 
     table = format_table(rows)
     (output / "results.md").write_text(table + "\n")

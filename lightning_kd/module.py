@@ -304,9 +304,10 @@ class DistillationModule(L.LightningModule):
         self._idle_params = [p for p in self.parameters() if p.requires_grad and id(p) not in chosen]
         optimizer = self.optimizer_factory(params)
         if not stage.is_main:
-            if self.stage_lr is not None:
+            stage_lr = stage.distiller.stage_lr if stage.distiller.stage_lr is not None else self.stage_lr
+            if stage_lr is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = self.stage_lr
+                    group["lr"] = stage_lr
             return optimizer
         if self.lr_scheduler_factory is None:
             return optimizer

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from lightning_kd.cli import run_cli
 from lightning_kd.models import create_model
+from lightning_kd.demo import digits_config_args
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lightning-kd"
 
@@ -30,7 +31,7 @@ def digits_teacher(tmp_path: Path) -> str:
 
 def test_kd_config_fast_dev_run(cli_env: dict[str, str], digits_teacher: str, tmp_path: Path) -> None:
     result = _run(
-        [str(CONSOLE_SCRIPT), "fit", "--config", "configs/digits/kd.yaml", "--trainer.fast_dev_run=true",
+        [str(CONSOLE_SCRIPT), "fit", *digits_config_args("kd"), "--trainer.fast_dev_run=true",
          f"--model.teacher_checkpoint={digits_teacher}", f"--trainer.default_root_dir={tmp_path}"],
         cli_env,
     )
@@ -42,14 +43,14 @@ def test_kd_config_fast_dev_run(cli_env: dict[str, str], digits_teacher: str, tm
 
 @pytest.mark.parametrize("config", ["teacher", "student"])
 def test_teacher_and_student_configs_fast_dev_run(config: str, cli_env: dict[str, str]) -> None:
-    result = _run([sys.executable, "-m", "lightning_kd.cli", "fit", "--config", f"configs/digits/{config}.yaml",
+    result = _run([sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args(config),
                    "--trainer.fast_dev_run=true"], cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_command_line_overrides_apply() -> None:
     cli = run_cli(
-        ["--config", str(ROOT / "configs/digits/kd.yaml"), "--model.teacher_checkpoint=null",
+        [*digits_config_args("kd"), "--model.teacher_checkpoint=null",
          "--model.task_loss_weight=0.25", "--model.distillers.init_args.temperature=2", "--data.batch_size=16",
          "--trainer.max_epochs=3", "--trainer.logger=false"],
         run=False,

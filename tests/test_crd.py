@@ -20,6 +20,7 @@ from lightning_kd.cli import run_cli
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.distillers import CRD, KD
 from lightning_kd.functional import contrast_loss, contrast_scores, crd_batch_loss, momentum_update
+from lightning_kd.demo import digits_config_args
 
 # ----------------------------------------------------------------------------------------------------------
 # the pure functions
@@ -383,7 +384,7 @@ def test_ddp_ranks_end_with_identical_memory_banks(tmp_path: Path) -> None:
 
 def test_digits_crd_config_fast_dev_run(cli_env: dict[str, str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_kd.cli", "fit", "--config", "configs/digits/crd.yaml",
+        [sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args("crd"),
          "--trainer.fast_dev_run=true", "--model.teacher_checkpoint=null"],
         cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=600,
     )

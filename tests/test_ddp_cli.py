@@ -25,6 +25,7 @@ import json
 import os
 
 import torch
+from lightning_kd.demo import digits_config_args
 from lightning.pytorch.callbacks import Callback
 
 
@@ -75,7 +76,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def _args(config: str, tmp_path: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable, "-m", "lightning_kd.cli", "fit", "--config", f"configs/digits/{config}.yaml",
+        sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args(config),
         "--model.teacher_checkpoint=null", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=true",

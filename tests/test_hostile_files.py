@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from conftest import ROOT, make_trainer
 from lightning_kd import DistillationModule
 from lightning_kd.data import DigitsDataModule
+from lightning_kd.demo import digits_config_args
 
 REFUSED = "Weights only load failed"
 
@@ -176,7 +177,7 @@ def _cli(ckpt_path: str, tmp_path: Path, **env_extra: str) -> subprocess.Complet
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                WANDB_DIR=str(tmp_path), TORCH_HOME=str(tmp_path / "torch"), PYTHONWARNINGS="ignore", **env_extra)
     command = [
-        sys.executable, "-m", "lightning_kd.cli", "fit", "--config", "configs/digits/student.yaml",
+        sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args("student"),
         "--trainer.max_epochs=2", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
         f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt_path}",

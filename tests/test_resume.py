@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT
 from lightning_kd.models import create_model
+from lightning_kd.demo import digits_config_args
 
 CALLBACKS = '''
 import os
@@ -42,7 +43,7 @@ class SaveStudent(Callback):
 '''
 
 
-def _fit(tmp: Path, env: dict[str, str], config: str, run: str, extra_callbacks: str,
+def _fit(tmp: Path, env: dict[str, str], config: list[str], run: str, extra_callbacks: str,
          ckpt_path: str | None = None, *overrides: str) -> subprocess.CompletedProcess:
     callbacks = tmp / f"{run}.yaml"
     callbacks.write_text(
@@ -51,7 +52,7 @@ def _fit(tmp: Path, env: dict[str, str], config: str, run: str, extra_callbacks:
         f"      init_args: {{dirpath: {tmp / run}, every_n_train_steps: 1, save_last: true, save_top_k: 0}}\n"
         f"{extra_callbacks}\n"
     )
-    args = [sys.executable, "-m", "lightning_kd.cli", "fit", "--config", config, "--config", str(callbacks),
+    args = [sys.executable, "-m", "lightning_kd.cli", "fit", *config, "--config", str(callbacks),
             f"--model.teacher_checkpoint={tmp / 'teacher.pt'}", f"--trainer.default_root_dir={tmp / run}",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1",
             "--trainer.deterministic=true", *overrides]
@@ -75,7 +76,7 @@ def test_kill_and_resume_equals_uninterrupted(method: str, kill_step: int, overr
     torch.save(create_model("resnet56", num_classes=10).state_dict(), tmp_path / "teacher.pt")
     (tmp_path / "kdcallbacks.py").write_text(CALLBACKS)
     cli_env["PYTHONPATH"] = f"{tmp_path}:{cli_env['PYTHONPATH']}"
-    config = f"configs/digits/{method}.yaml"
+    config = digits_config_args(method)
 
     def save(name: str) -> str:
         return (f"    - class_path: kdcallbacks.SaveStudent\n"

@@ -41,6 +41,8 @@ class Distiller(nn.Module):
         name: the name used in logs (``train/<name>``); defaults to the class name in lower case.
         stage_epochs: length of this method's own initialisation stage, run before the main stage;
             0 means none. Only methods that define :meth:`stage_loss` accept a positive value.
+        stage_lr: learning rate of the initialisation stage (default: the module's ``stage_lr``, else the
+            optimizer's own). The CRD benchmark trains FT's paraphraser at 0.01 for ResNet and WRN students.
     """
 
     #: default tap names, used when ``student_layers`` / ``teacher_layers`` are not given
@@ -65,6 +67,7 @@ class Distiller(nn.Module):
         teacher_layers: Sequence[str] | None = None,
         name: str | None = None,
         stage_epochs: int = 0,
+        stage_lr: float | None = None,
     ) -> None:
         super().__init__()
         self.weight = float(weight)
@@ -77,6 +80,9 @@ class Distiller(nn.Module):
         if stage_epochs and type(self).stage_loss is Distiller.stage_loss:
             raise ValueError(f"{type(self).__name__} has no initialisation stage; got stage_epochs={stage_epochs}")
         self.stage_epochs = int(stage_epochs)
+        if stage_lr is not None and not stage_lr > 0:
+            raise ValueError(f"{self.name}: stage_lr must be positive (or None for the optimizer's), got {stage_lr}")
+        self.stage_lr = stage_lr
         #: name of the stage the module is in ("main" or "<name>_init"); set by the module
         self.stage = "main"
         #: 0-based epoch counted from the start of the current stage; set by the module before every step
