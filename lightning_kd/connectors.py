@@ -5,6 +5,8 @@ optimizer see it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -65,23 +67,89 @@ class VIDRegressor(nn.Module):
         return self.regressor(x)
 
 
-class ABConnector(nn.Module):
-    """AB's map from the student's pre-activations to the teacher's channels.
+def shape_matching_conv(student_shape: Sequence[int], teacher_shape: Sequence[int], owner: str) -> nn.Module:
+    """The convolution that maps a ``(B, C_s, H_s, W_s)`` student map to the teacher's ``(B, C_t, H_t, W_t)``.
 
-    The identity when the channel counts agree, else a 1x1 conv (no bias) and BatchNorm.
+    The choice of the CRD benchmark's ``ConvReg`` (FitNet's regressor, AB's connector), made on the heights:
+
+    - ``H_s == 2 H_t``: 3x3 conv, stride 2, padding 1;
+    - ``2 H_s == H_t``: 4x4 transposed conv, stride 2, padding 1;
+    - otherwise ``H_s >= H_t``: a "valid" conv (no padding) with kernel ``(1 + H_s - H_t, 1 + W_s - W_t)``, so
+      1x1 for equal sizes.
+
+    The convolution keeps PyTorch's default initialisation and its bias, as in the reference. A student map
+    smaller than the teacher's other than by half, or a width that does not come out as ``W_t``, raises a
+    ``ValueError`` naming both shapes (``owner`` names the module in the message).
+    """
+    if len(student_shape) != 4 or len(teacher_shape) != 4:
+        raise ValueError(
+            f"{owner} needs (B, C, H, W) maps, got student {tuple(student_shape)} and teacher "
+            f"{tuple(teacher_shape)}: choose convolutional layers"
+        )
+    (_, c_s, h_s, w_s), (_, c_t, h_t, w_t) = student_shape, teacher_shape
+    conv: nn.Module
+    if h_s == 2 * h_t:
+        conv, width = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1), (w_s - 1) // 2 + 1
+    elif 2 * h_s == h_t:
+        conv, width = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1), 2 * w_s
+    elif h_s >= h_t and w_s >= w_t:
+        conv, width = nn.Conv2d(c_s, c_t, kernel_size=(1 + h_s - h_t, 1 + w_s - w_t)), w_t
+    else:
+        width = -1
+    if width != w_t:
+        raise ValueError(
+            f"{owner} maps the student map to a teacher map of the same, half or twice its spatial size, or of "
+            f"any smaller size (a valid conv), the case read from the heights; got student {tuple(student_shape)} "
+            f"and teacher {tuple(teacher_shape)}: choose layers whose sizes match that way"
+        )
+    return conv
+
+
+class ABConnector(nn.Module):
+    """AB's map from the student's pre-activation map to the teacher's (the CRD benchmark's ``Connector``).
+
+    ``mode="reference"`` (default): the identity when the channel count and the spatial size agree, else
+    conv + BatchNorm (no ReLU), the conv chosen by :func:`shape_matching_conv` (3x3 stride-2 conv for a
+    student map twice the teacher's size, 4x4 stride-2 transposed conv for half, a valid conv otherwise).
+    ``(B, C_s, H_s, W_s) -> (B, C_t, H_t, W_t)``.
+
+    ``mode="pool"``, **a departure from the reference**: the identity when the channel counts agree, else a
+    1x1 conv (no bias, Kaiming-normal fan-out) + BatchNorm; the spatial size is kept, and
+    :func:`~lightning_kd.functional.ab_loss` then average-pools the larger of the two maps to the other's size.
+    ``(B, C_s, H_s, W_s) -> (B, C_t, H_s, W_s)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    MODES = ("reference", "pool")
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], mode: str = "reference") -> None:
         super().__init__()
-        if in_channels == out_channels:
-            self.net: nn.Module = nn.Identity()
+        if mode not in self.MODES:
+            raise ValueError(f"AB connector mode must be one of {self.MODES}, got {mode!r}")
+        if len(student_shape) != 4 or len(teacher_shape) != 4:
+            raise ValueError(
+                f"the AB connector needs (B, C, H, W) maps, got student {tuple(student_shape)} and teacher "
+                f"{tuple(teacher_shape)}: choose convolutional layers such as 'preact1'"
+            )
+        c_s, c_t = student_shape[1], teacher_shape[1]
+        self.mode = mode
+        if mode == "pool":
+            if c_s == c_t:
+                self.net: nn.Module = nn.Identity()
+            else:
+                conv = nn.Conv2d(c_s, c_t, 1, bias=False)
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                self.net = nn.Sequential(conv, nn.BatchNorm2d(c_t))
+        elif tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
+            self.net = nn.Identity()
         else:
-            conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            self.net = nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+            conv = shape_matching_conv(student_shape, teacher_shape, "the AB connector")
+            self.net = nn.Sequential(conv, nn.BatchNorm2d(c_t))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
 
 
 def _conv_block(conv: nn.Module, channels: int, use_bn: bool) -> list[nn.Module]:
@@ -142,40 +210,23 @@ class Translator(nn.Module):
 
 # -- CRD benchmark methods (FitNet connector) --
 class HintRegressor(nn.Module):
-    """FitNet's regressor: maps a ``(B, C_s, H_s, W_s)`` student map to the teacher's ``(B, C_t, H_t, W_t)``.
+    """FitNet's regressor (the CRD benchmark's ``ConvReg``): maps a ``(B, C_s, H_s, W_s)`` student map to the
+    teacher's ``(B, C_t, H_t, W_t)``.
 
-    conv + BN + ReLU, the conv chosen from the spatial sizes (height and width must agree on the case):
+    conv + BN + ReLU, the conv chosen by :func:`shape_matching_conv` from the spatial sizes:
 
     - student twice the teacher's size: 3x3 conv, stride 2, padding 1;
     - student half the teacher's size: 4x4 transposed conv, stride 2, padding 1;
-    - equal sizes: 1x1 conv.
+    - student larger or equal otherwise: a valid conv with kernel ``(1 + H_s - H_t, 1 + W_s - W_t)`` (1x1 for
+      equal sizes).
 
-    Any other pair of sizes raises a ``ValueError`` naming both shapes.
+    A smaller student map (other than by half) raises a ``ValueError`` naming both shapes.
     """
 
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if len(student_shape) != 4 or len(teacher_shape) != 4:
-            raise ValueError(
-                f"the FitNet regressor needs (B, C, H, W) maps, got student {tuple(student_shape)} and teacher "
-                f"{tuple(teacher_shape)}: choose convolutional layers for the hint"
-            )
-        (_, c_s, h_s, w_s), (_, c_t, h_t, w_t) = student_shape, teacher_shape
-        conv: nn.Module
-        if (h_s, w_s) == (h_t, w_t):
-            conv = nn.Conv2d(c_s, c_t, kernel_size=1)
-        elif (h_s, w_s) == (2 * h_t, 2 * w_t):
-            conv = nn.Conv2d(c_s, c_t, kernel_size=3, stride=2, padding=1)
-        elif (2 * h_s, 2 * w_s) == (h_t, w_t):
-            conv = nn.ConvTranspose2d(c_s, c_t, kernel_size=4, stride=2, padding=1)
-        else:
-            raise ValueError(
-                f"the FitNet regressor maps a student map to a teacher map of the same, half or twice its spatial "
-                f"size; got student {tuple(student_shape)} and teacher {tuple(teacher_shape)}: choose hint layers "
-                "whose sizes match that way"
-            )
-        self.conv = conv
-        self.bn = nn.BatchNorm2d(c_t)
+        self.conv = shape_matching_conv(student_shape, teacher_shape, "the FitNet regressor")
+        self.bn = nn.BatchNorm2d(teacher_shape[1])
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -103,3 +103,143 @@ def test_shufflenetv1_unit_matches_the_reference_block(
     assert out.shape == (2, out_channels, 8 // stride, 8 // stride)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(captured["preact"], expected_preact, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AB's connector and loss, FitNet's regressor (the reference's Connector and ConvReg)
+# ----------------------------------------------------------------------------------------------------------
+def _convs(module: nn.Module) -> list[nn.modules.conv._ConvNd]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+
+
+def _bns(module: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+# (student shape, teacher shape, the reference's convolution: kind, kernel, stride, padding)
+CONNECTOR_CASES = {
+    "student twice": ((2, 8, 16, 16), (2, 12, 8, 8), ("conv", (3, 3), 2, 1)),
+    "student twice, same channels": ((2, 8, 16, 16), (2, 8, 8, 8), ("conv", (3, 3), 2, 1)),
+    "student half": ((2, 8, 8, 8), (2, 12, 16, 16), ("transposed", (4, 4), 2, 1)),
+    "equal size": ((2, 8, 8, 8), (2, 12, 8, 8), ("conv", (1, 1), 1, 0)),
+    "student larger": ((2, 8, 10, 9), (2, 12, 8, 8), ("conv", (3, 2), 1, 0)),
+}
+
+
+def _reference_map(
+    x: torch.Tensor, module: nn.Module, case: tuple, batch_statistics: bool, relu: bool
+) -> torch.Tensor:
+    """conv (the case's kind, kernel, stride and padding, with its bias) + BatchNorm (+ ReLU), by hand."""
+    kind, kernel, stride, padding = case
+    (conv,), (bn,) = _convs(module), _bns(module)
+    c_in, c_out = x.shape[1], bn.num_features
+    if kind == "conv":
+        assert conv.weight.shape == (c_out, c_in, *kernel)
+        out = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+    else:
+        assert conv.weight.shape == (c_in, c_out, *kernel)
+        out = F.conv_transpose2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+    assert conv.bias is not None and conv.bias.shape == (c_out,)  # PyTorch's default bias, as in the reference
+    out = _bn(out, bn, batch_statistics)
+    return F.relu(out) if relu else out
+
+
+@pytest.mark.parametrize("batch_statistics", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(CONNECTOR_CASES))
+def test_ab_connector_matches_the_reference_connector(case: str, batch_statistics: bool) -> None:
+    student_shape, teacher_shape, conv = CONNECTOR_CASES[case]
+    torch.manual_seed(0)
+    ab = AB(student_layers=["preact1"])
+    s = torch.randn(student_shape)
+    ab.build([s], [torch.randn(teacher_shape)])
+    (connector,) = ab.connectors
+    _randomise(connector, seed=5)
+    connector.train(batch_statistics)
+    with torch.no_grad():
+        out = connector(s)
+        expected = _reference_map(s, connector, conv, batch_statistics, relu=False)
+    assert out.shape == teacher_shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ab_connector_is_the_identity_only_for_equal_channels_and_size() -> None:
+    ab = AB(student_layers=["preact1"])
+    s = torch.randn(2, 8, 8, 8)
+    ab.build([s], [torch.randn(2, 8, 8, 8)])
+    assert not list(ab.connectors[0].parameters())
+    assert torch.equal(ab.connectors[0](s), s)
+
+
+@pytest.mark.parametrize("teacher_shape", [(2, 8, 16, 16), (2, 8, 10, 10), (2, 8, 8, 12)])
+def test_ab_connector_refuses_a_smaller_student_other_than_half(teacher_shape: tuple) -> None:
+    ab = AB(student_layers=["preact1"])
+    with pytest.raises(ValueError) as info:
+        ab.build([torch.zeros(2, 8, 4, 8)], [torch.zeros(teacher_shape)])
+    message = str(info.value)
+    assert "'preact1'" in message and "(2, 8, 4, 8)" in message and str(teacher_shape) in message
+
+
+def _ab_by_loops(s: torch.Tensor, t: torch.Tensor, m: float = 1.0) -> float:
+    """``sum (s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]`` over all elements, divided by B."""
+    total = 0.0
+    for a, b in zip(s.flatten().tolist(), t.flatten().tolist()):
+        if a > -m and b <= 0:
+            total += (a + m) ** 2
+        if a <= m and b > 0:
+            total += (a - m) ** 2
+    return total / s.shape[0]
+
+
+def test_ab_loss_with_the_reference_connectors_matches_loops() -> None:
+    """Three layers: student twice the teacher's size, identical shapes (identity), student half."""
+    shapes = [((4, 4, 16, 16), (4, 6, 8, 8)), ((4, 6, 8, 8), (4, 6, 8, 8)), ((4, 8, 4, 4), (4, 10, 8, 8))]
+    convs = [("conv", (3, 3), 2, 1), None, ("transposed", (4, 4), 2, 1)]
+    generator = torch.Generator().manual_seed(7)
+    s = [torch.randn(a, generator=generator) for a, _ in shapes]
+    t = [torch.randn(b, generator=generator) for _, b in shapes]
+    torch.manual_seed(0)
+    ab = AB(student_layers=["preact1", "preact2", "preact3"])
+    ab.build(s, t)
+    ab.train()
+    with torch.no_grad():
+        loss = float(ab.stage_loss(s, t, {}))
+        mapped = [x if c is None else _reference_map(x, k, c, True, False) for x, k, c in zip(s, ab.connectors, convs)]
+    expected = 3 / 1000 * sum(w * _ab_by_loops(a, b) for w, a, b in zip([0.25, 0.5, 1.0], mapped, t))
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_ab_pool_connector_is_the_named_departure() -> None:
+    """``connector="pool"``: 1x1 conv (no bias) + BN keeping the student's size; the loss pools the larger map."""
+    generator = torch.Generator().manual_seed(8)
+    s, t = [torch.randn(4, 4, 16, 16, generator=generator)], [torch.randn(4, 6, 8, 8, generator=generator)]
+    torch.manual_seed(0)
+    ab = AB(student_layers=["preact1"], connector="pool")
+    ab.build(s, t)
+    (conv,), (bn,) = _convs(ab.connectors[0]), _bns(ab.connectors[0])
+    assert conv.weight.shape == (6, 4, 1, 1) and conv.bias is None
+    ab.train()
+    with torch.no_grad():
+        mapped = F.avg_pool2d(_bn(F.conv2d(s[0], conv.weight), bn, batch_statistics=True), 2)
+        loss = float(ab.stage_loss(s, t, {}))
+    assert loss == pytest.approx(3 / 1000 * _ab_by_loops(mapped, t[0]), rel=1e-5)
+    same = AB(student_layers=["preact1"], connector="pool")
+    same.build([torch.zeros(2, 4, 16, 16)], [torch.zeros(2, 4, 8, 8)])
+    assert isinstance(same.connectors[0].net, nn.Identity)
+    with pytest.raises(ValueError, match="'reference', 'pool'"):
+        AB(connector="avg")
+
+
+@pytest.mark.parametrize("case", list(CONNECTOR_CASES))
+def test_fitnet_regressor_matches_the_reference_convreg(case: str) -> None:
+    student_shape, teacher_shape, conv = CONNECTOR_CASES[case]
+    torch.manual_seed(0)
+    fitnet = FitNet()
+    s = torch.randn(student_shape)
+    fitnet.build([s], [torch.randn(teacher_shape)])
+    _randomise(fitnet.regressor, seed=6)
+    fitnet.regressor.eval()
+    with torch.no_grad():
+        out = fitnet.regressor(s)
+        expected = _reference_map(s, fitnet.regressor, conv, batch_statistics=False, relu=True)
+    assert out.shape == teacher_shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -15,9 +15,11 @@ from lightning_kd.taps import resolve_tap
 class FitNet(Distiller):
     """Hint learning on one intermediate map: ``mean((r(f_s) - f_t)^2)``.
 
-    ``r`` is a learnable :class:`~lightning_kd.connectors.HintRegressor` (conv + BN + ReLU) built from the
-    probe's shapes. The reference (CRD benchmark, CIFAR-100) hints the second stage output of both networks
-    and trains the regressor together with the student and the cross-entropy in one stage, ``weight=100``.
+    ``r`` is a learnable :class:`~lightning_kd.connectors.HintRegressor` (conv + BN + ReLU, the CRD
+    benchmark's ``ConvReg``) built from the probe's shapes: a 3x3 stride-2 conv for a student map twice the
+    teacher's size, a 4x4 stride-2 transposed conv for half, a valid conv for any other larger or equal size.
+    The reference (CRD benchmark, CIFAR-100) hints the second stage output of both networks and trains the
+    regressor together with the student and the cross-entropy in one stage, ``weight=100``.
 
     Setting ``stage_epochs > 0`` adds the paper's hint stage before the main stage: the hint loss alone trains
     the regressor and the student up to the hint layer (the modules registered before it and the hint
