@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_kd.models import create_model, list_models
+from lightning_kd.models import create_model, feature_module_paths, list_models
 from lightning_kd.taps import FeatureTaps, resolve_tap
 
 # Parameter counts at 100 classes of the CRD benchmark's CIFAR models (RepDistiller, models/wrn.py, vgg.py
@@ -146,6 +146,8 @@ def test_feature_shapes_and_preactivations(name: str, batch: torch.Tensor) -> No
     expected = EXPECTED_SHAPES[name]
     stages = _stages(expected)
     wanted = {"stem", "embedding", "classifier", *(f"stage{i}" for i in stages), *(f"preact{i}" for i in stages)}
+    if name != "ShuffleV2":  # the BatchNorm before each pre-activation, for OFD (none in ShuffleV2)
+        wanted |= {f"preact{i}_norm" for i in stages}
     assert set(model.feature_paths) == wanted
     assert not [m for m in model.modules() if getattr(m, "inplace", False)], "in-place modules found"
     # a second set of hooks copies each tensor the moment it is produced: a later in-place change shows up
@@ -264,3 +266,146 @@ def test_unknown_name_names_close_matches(wrong: str, suggestion: str) -> None:
         create_model(wrong)
     message = str(info.value)
     assert repr(wrong) in message and suggestion in message.split("Known models")[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# feature modules: the CRD benchmark's get_feat_modules(), the part its initialisation stages train
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark's lists (RepDistiller models/*.py, get_feat_modules) in this implementation's module names:
+# resnet.py: conv1, bn1, relu, layer1..3; resnetv2.py (ResNet50): conv1, bn1, layer1..4; wrn.py: conv1,
+# block1..3; vgg.py: block0, pool0, ..., block4, pool4 (pool4 is the global average pooling, our avgpool);
+# mobilenetv2.py: conv1, blocks; ShuffleNetv1.py and ShuffleNetv2.py: conv1, bn1, layer1..3. Then the
+# parameters left outside each list.
+_CIFAR_RESNETS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
+                  "resnet32x4"]  # fmt: skip
+_VGG_FEATURES = ["block0", "pool0", "block1", "pool1", "block2", "pool2", "block3", "pool3", "block4", "avgpool"]
+EXPECTED_FEATURE_MODULES: dict[str, tuple[list[str], set[str]]] = {
+    **{name: (["conv1", "bn1", "relu", "layer1", "layer2", "layer3"], {"fc.weight", "fc.bias"})
+       for name in _CIFAR_RESNETS},
+    "ResNet50": (["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"], {"linear.weight", "linear.bias"}),
+    **{name: (["conv1", "block1", "block2", "block3"], {"bn1.weight", "bn1.bias", "fc.weight", "fc.bias"})
+       for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
+    **{name: (_VGG_FEATURES, {"classifier.weight", "classifier.bias"})
+       for name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    "MobileNetV2": (
+        ["conv1", "blocks"],
+        {"conv2.0.weight", "conv2.1.weight", "conv2.1.bias", "classifier.weight", "classifier.bias"},
+    ),
+    "ShuffleV1": (["conv1", "bn1", "layer1", "layer2", "layer3"], {"linear.weight", "linear.bias"}),
+    "ShuffleV2": (
+        ["conv1", "bn1", "layer1", "layer2", "layer3"],
+        {"conv2.weight", "bn2.weight", "bn2.bias", "linear.weight", "linear.bias"},
+    ),
+}  # fmt: skip
+
+
+def test_every_model_declares_feature_modules() -> None:
+    assert set(EXPECTED_FEATURE_MODULES) == set(list_models())
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_FEATURE_MODULES))
+def test_feature_modules_are_the_reference_ones(name: str) -> None:
+    model = _model(name)
+    expected, outside = EXPECTED_FEATURE_MODULES[name]
+    paths = feature_module_paths(model)
+    assert paths == expected
+    inside = [p for p in paths if any(True for _ in model.get_submodule(p).parameters())]
+    assert inside, "no parameter inside the feature modules"
+    left_out = {
+        key for key, _ in model.named_parameters() if not any(key.startswith(path + ".") for path in paths)
+    }
+    assert left_out == outside
+    # forward order: the order in which each listed module (or one inside it, for a ModuleList) first runs;
+    # VGG at 64 pixels, where pool3 runs
+    calls: list[str] = []
+    handles = [
+        sub.register_forward_pre_hook(lambda m, a, path=path: calls.append(path))
+        for path in paths
+        for sub in model.get_submodule(path).modules()
+    ]
+    size = 64 if name.startswith("vgg") else 32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert list(dict.fromkeys(calls)) == expected
+
+
+def test_feature_module_paths_of_other_networks() -> None:
+    assert feature_module_paths(nn.Linear(2, 2)) is None
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    net.feature_modules = ["0", "conv"]
+    with pytest.raises(ValueError, match=r"\['conv'\]"):
+        feature_module_paths(net)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# preactN_norm: the BatchNorm whose output (plus the residual) is the pre-activation (for OFD)
+# ----------------------------------------------------------------------------------------------------------
+def _resnet_norms(name: str) -> list[str]:
+    last = (int(name[6:].split("x")[0]) - 2) // 6 - 1
+    return [f"layer{i}.{last}.bn2" for i in (1, 2, 3)]
+
+
+_VGG_NORMS = {  # the last BN of blocks 1..4: index 3 * convs - 2 in [conv, bn, relu, conv, bn, ...]
+    "vgg8": [1, 1, 1, 1], "vgg11": [1, 4, 4, 4], "vgg13": [4, 4, 4, 4], "vgg16": [4, 7, 7, 7], "vgg19": [4, 10, 10, 10],
+}  # fmt: skip
+EXPECTED_NORMS: dict[str, list[str]] = {
+    **{name: _resnet_norms(name) for name in _CIFAR_RESNETS},
+    "ResNet50": ["layer1.2.bn3", "layer2.3.bn3", "layer3.5.bn3", "layer4.2.bn3"],
+    **{name: ["block2.0.bn1", "block3.0.bn1", "bn1"] for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
+    **{name: [f"block{i}.layers.{k}" for i, k in enumerate(ks, start=1)] for name, ks in _VGG_NORMS.items()},
+    "MobileNetV2": ["blocks.1.1.layers.7", "blocks.2.2.layers.7", "blocks.4.2.layers.7", "blocks.6.0.layers.7"],
+    "ShuffleV1": ["layer1.3.bn3", "layer2.7.bn3", "layer3.3.bn3"],
+    "ShuffleV2": [],  # half of each pre-activation is the passed-through input: no such BatchNorm
+}
+
+
+def _block_of(bn_path: str) -> str:
+    """The residual block holding a BN: ``layer1.0.bn2 -> layer1.0``, ``blocks.1.1.layers.7 -> blocks.1.1``."""
+    return bn_path.split(".layers.")[0] if ".layers." in bn_path else bn_path.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_NORMS))
+def test_preact_norm_names_the_batchnorm_before_the_preactivation(name: str) -> None:
+    """The BN's output plus the block's residual (its input, its shortcut, or nothing) is the pre-activation."""
+    model = _model(name)
+    norms = {k: v for k, v in model.feature_paths.items() if k.endswith("_norm")}
+    expected = EXPECTED_NORMS[name]
+    assert norms == {f"preact{i}_norm": path for i, path in enumerate(expected, start=1)}
+    if not expected:
+        return
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, path in enumerate(expected, start=1):
+        bn = modules[path]
+        assert isinstance(bn, nn.BatchNorm2d), path
+        handles.append(bn.register_forward_hook(lambda m, a, out, i=i: captured.setdefault(f"bn{i}", out)))
+        if not name.startswith(("wrn", "vgg")):
+            block = modules[_block_of(path)]
+            handles.append(block.register_forward_pre_hook(lambda m, a, i=i: captured.setdefault(f"in{i}", a[0])))
+    taps = FeatureTaps(model, [f"preact{i}" for i in range(1, len(expected) + 1)])
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+        preacts = taps.pop()
+    finally:
+        taps.remove()
+        for handle in handles:
+            handle.remove()
+    for i, path in enumerate(expected, start=1):
+        preact, out = preacts[f"preact{i}"], captured[f"bn{i}"]
+        assert modules[path].num_features == preact.shape[1] and out.shape == preact.shape, path
+        if name.startswith(("wrn", "vgg")):  # no residual: the tap is the BN's output itself
+            assert torch.equal(preact, out), path
+            continue
+        block, x = modules[_block_of(path)], captured[f"in{i}"]
+        with torch.no_grad():
+            if hasattr(block, "shortcut"):  # ResNet blocks, ShuffleNet units
+                residual = block.shortcut(x)
+            else:  # MobileNetV2's inverted residual
+                residual = x if block.residual else torch.zeros_like(out)
+        torch.testing.assert_close(preact, out + residual)

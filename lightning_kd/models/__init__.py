@@ -1,4 +1,5 @@
-"""The CIFAR model zoo. Build by name with :func:`create_model`; tap points are in ``model.feature_paths``."""
+"""The CIFAR model zoo. Build by name with :func:`create_model`; tap points are in ``model.feature_paths``, the
+feature path's modules in ``model.feature_modules`` (:func:`feature_module_paths`)."""
 
 # importing a family registers its models
 from lightning_kd.models import (  # noqa: F401
@@ -10,6 +11,6 @@ from lightning_kd.models import (  # noqa: F401
     vgg,
     wrn,
 )
-from lightning_kd.models.registry import create_model, list_models, register_model
+from lightning_kd.models.registry import create_model, feature_module_paths, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "feature_module_paths", "list_models", "register_model"]

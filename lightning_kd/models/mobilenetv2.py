@@ -25,14 +25,20 @@ Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
 - ``preact1..4``: **the same tensors as** ``stage1..4``. The blocks end in a linear bottleneck (a 1x1 conv
   and BN with no ReLU after it), so a stage output is already a pre-activation; the benchmark's
   ``preact=True`` returns these very tensors;
+- ``preact1_norm..preact4_norm``: the projection BN of each group's last block, whose output (plus the
+  residual where the block has one) is ``preactN``. No ReLU follows it inside the network; these are the
+  BNs the benchmark's ``get_bn_before_relu`` returns for OFD;
 - ``embedding``: the pooled 1280 features; ``classifier``: the logits.
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): the stem and the seven block groups. The last
+1x1 conv to 1280 channels with its BN (``conv2``) and the classifier are outside.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import register_model
+from lightning_kd.models.registry import init_weights, register_model
 
 
 def _conv_bn_relu(in_channels: int, channels: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -98,18 +104,15 @@ class MobileNetV2CIFAR(nn.Module):
             "stem": "conv1",
             **stages,
             **{f"preact{i}": f"blocks.{g}" for i, g in enumerate(self.STAGE_GROUPS, start=1)},
+            **{
+                f"preact{i}_norm": f"blocks.{g}.{len(self.blocks[g]) - 1}.layers.7"
+                for i, g in enumerate(self.STAGE_GROUPS, start=1)
+            },
             "embedding": "classifier:input",
             "classifier": "classifier",
         }
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        self.feature_modules = ["conv1", "blocks"]
+        init_weights(self, linear="normal")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)

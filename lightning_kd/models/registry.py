@@ -4,20 +4,57 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Literal
 
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
-def init_conv_bn(model: nn.Module) -> None:
-    """The zoo's initialisation: Kaiming-normal (fan-out) convolutions, BatchNorm at weight 1 and bias 0."""
+def init_weights(model: nn.Module, linear: Literal["default", "zero_bias", "normal"] = "default") -> None:
+    """The zoo's initialisation, in one pass over ``model.modules()`` (the random draws come in module order).
+
+    - ``nn.Conv2d``: Kaiming-normal weights (fan-out, ReLU gain), the bias (where there is one) at 0;
+    - ``nn.BatchNorm2d``: weight 1, bias 0;
+    - ``nn.Linear``: ``"default"`` keeps PyTorch's initialisation (the CIFAR ResNets, ResNet50);
+      ``"zero_bias"`` sets only the bias to 0 (WRN); ``"normal"`` draws the weight from N(0, 0.01^2) and sets the
+      bias to 0 (VGG, MobileNetV2).
+    """
+    if linear not in ("default", "zero_bias", "normal"):
+        raise ValueError(f"linear must be 'default', 'zero_bias' or 'normal', got {linear!r}")
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and linear != "default":
+            if linear == "normal":
+                nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
+def feature_module_paths(model: nn.Module) -> list[str] | None:
+    """The module paths of ``model``'s feature path, in forward order, or ``None`` if it declares none.
+
+    Read from ``model.feature_modules``. For the bundled models these are the modules of the CRD benchmark's
+    ``get_feat_modules()``: the ones its initialisation stages (AB, FT, FSP) train, in train mode, while the
+    rest (classifier, and e.g. WRN's final BN or MobileNetV2's last 1x1 conv) stay in eval mode, out of the
+    optimizer. Each path is checked against ``model.named_modules()``.
+    """
+    paths = getattr(model, "feature_modules", None)
+    if paths is None:
+        return None
+    modules = dict(model.named_modules())
+    unknown = [path for path in paths if path not in modules]
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__}.feature_modules names modules it does not have: {unknown}; expected paths of "
+            "model.named_modules() such as 'layer1'"
+        )
+    return list(paths)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -38,7 +75,9 @@ def create_model(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
 
     Every bundled model has a ``feature_paths`` dictionary naming its tap points: ``stem``,
     ``stage1..N``, ``preact1..N`` (before each stage's last ReLU), ``embedding`` (the pooled features the
-    classifier reads), ``classifier``.
+    classifier reads), ``classifier``; and, where the pre-activation is a BatchNorm's output (plus the
+    residual), ``preact1_norm..preactN_norm`` naming that BatchNorm (for OFD). Its ``feature_modules`` list
+    names the modules of the feature path (see :func:`feature_module_paths`).
     """
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)

@@ -4,14 +4,16 @@ CRD benchmark: ``resnet8 .. resnet110`` (16-16-32-64 channels) and ``resnet8x4``
 strides 1, 2, 2, global average pooling, a linear classifier.
 
 Shapes for resnet8x4 / resnet32x4 at 32x32: stem 32x32x32, stages 64x32x32, 128x16x16, 256x8x8,
-embedding 256.
+embedding 256. ``preactN`` is the last block's residual sum before its final ReLU; ``preactN_norm`` names
+that block's ``bn2``, whose output the sum adds to the shortcut. ``feature_modules``: the stem (conv1, bn1,
+relu) and the three stages, as the benchmark's ``get_feat_modules``; the classifier is outside.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import init_conv_bn, register_model
+from lightning_kd.models.registry import init_weights, register_model
 
 
 class BasicBlock(nn.Module):
@@ -66,10 +68,12 @@ class CIFARResNet(nn.Module):
             "stem": "relu",
             **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)},
             **{f"preact{i}": f"layer{i}.{blocks - 1}.preact" for i in (1, 2, 3)},
+            **{f"preact{i}_norm": f"layer{i}.{blocks - 1}.bn2" for i in (1, 2, 3)},
             "embedding": "fc:input",
             "classifier": "fc",
         }
-        init_conv_bn(self)
+        self.feature_modules = ["conv1", "bn1", "relu", "layer1", "layer2", "layer3"]
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -11,15 +11,19 @@ Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
 - ``stem``: the stem after its ReLU (64 x 32 x 32);
 - ``stage1..4``: each stage's output (256 x 32 x 32, 512 x 16 x 16, 1024 x 8 x 8, 2048 x 4 x 4);
 - ``preact1..4``: the same before the last block's final ReLU (its residual sum); an ``nn.Identity`` named
-  ``preact`` marks the point;
+  ``preact`` marks the point; ``preact1_norm..preact4_norm`` name that block's ``bn3`` (the sum is its
+  output plus the shortcut);
 - ``embedding``: the pooled 2048 features; ``classifier``: the logits.
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): conv1, bn1 and the four stages; the classifier is
+outside (the stem's parameter-free ReLU, a function in the benchmark, is not listed).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import init_conv_bn, register_model
+from lightning_kd.models.registry import init_weights, register_model
 
 
 class Bottleneck(nn.Module):
@@ -78,10 +82,12 @@ class CIFARBottleneckResNet(nn.Module):
             "stem": "relu",
             **{f"stage{i}": f"layer{i}" for i in (1, 2, 3, 4)},
             **{f"preact{i}": f"layer{i}.{count - 1}.preact" for i, count in enumerate(blocks, start=1)},
+            **{f"preact{i}_norm": f"layer{i}.{count - 1}.bn3" for i, count in enumerate(blocks, start=1)},
             "embedding": "linear:input",
             "classifier": "linear",
         }
-        init_conv_bn(self)
+        self.feature_modules = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

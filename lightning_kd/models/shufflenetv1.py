@@ -14,8 +14,14 @@ Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
 - ``stem``: the stem after its ReLU (24 x 32 x 32);
 - ``stage1..3``: each stage's output (240 x 16 x 16, 480 x 8 x 8, 960 x 4 x 4);
 - ``preact1..3``: the same before the last unit's final ReLU (its residual sum); an ``nn.Identity`` named
-  ``preact`` marks the point;
+  ``preact`` marks the point; ``preact1_norm..preact3_norm`` name that unit's ``bn3`` (the sum is its output
+  plus the identity shortcut). The benchmark declares no such BNs for ShuffleNet (its OFD support raises);
 - ``embedding``: the pooled 960 features; ``classifier``: the logits.
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): conv1, bn1 and the three stages; the classifier is
+outside (the stem's parameter-free ReLU, a function in the benchmark, is not listed).
+
+The benchmark's ShuffleNets keep PyTorch's default initialisation, and so do these.
 """
 
 from __future__ import annotations
@@ -100,9 +106,12 @@ class ShuffleNetV1(nn.Module):
             "stem": "relu",
             **{f"stage{i}": f"layer{i}" for i in (1, 2, 3)},
             **{f"preact{i}": f"layer{i}.{count - 1}.preact" for i, count in enumerate(units, start=1)},
+            # a stage's last unit adds an identity shortcut to bn3's output (when the stage has more than one)
+            **{f"preact{i}_norm": f"layer{i}.{count - 1}.bn3" for i, count in enumerate(units, start=1) if count > 1},
             "embedding": "linear:input",
             "classifier": "linear",
         }
+        self.feature_modules = ["conv1", "bn1", "layer1", "layer2", "layer3"]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

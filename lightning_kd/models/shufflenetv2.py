@@ -18,6 +18,14 @@ Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
   whole concatenation, which equals the original's ReLU on the branch alone because the passed-through half
   is always the output of earlier ReLUs (non-negative);
 - ``embedding``: the pooled 1024 features after the head conv; ``classifier``: the logits.
+
+No ``preactN_norm`` entries: half of each pre-activation is the passed-through input, not a BatchNorm's output
+(the benchmark's OFD support raises for ShuffleNetV2 too).
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): conv1, bn1 and the three stages. The head conv to
+1024 channels with its BN (``conv2``, ``bn2``) and the classifier are outside.
+
+The benchmark's ShuffleNets keep PyTorch's default initialisation, and so do these.
 """
 
 from __future__ import annotations
@@ -118,6 +126,7 @@ class ShuffleNetV2(nn.Module):
             "embedding": "linear:input",
             "classifier": "linear",
         }
+        self.feature_modules = ["conv1", "bn1", "layer1", "layer2", "layer3"]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu1(self.bn1(self.conv1(x)))

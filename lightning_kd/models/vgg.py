@@ -21,15 +21,18 @@ Feature points (the benchmark's ``is_feat`` list), shapes at 32x32:
 - ``stage1..4``: blocks 1..4 after their final ReLU, before the pooling that follows (128 x 16 x 16,
   256 x 8 x 8, 512 x 4 x 4, 512 x 4 x 4);
 - ``preact1..4``: the same blocks before their final ReLU (after the last BN); an ``nn.Identity`` named
-  ``preact`` marks the point;
+  ``preact`` marks the point; ``preact1_norm..preact4_norm`` name that last BN (the tap is its output);
 - ``embedding``: the pooled 512 features; ``classifier``: the logits.
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): the five blocks with the pooling after each
+(``pool3`` runs only for 64-pixel inputs; ``avgpool`` is the global pooling); the classifier is outside.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import register_model
+from lightning_kd.models.registry import init_weights, register_model
 
 
 class VGGBlock(nn.Module):
@@ -77,19 +80,14 @@ class VGG(nn.Module):
             "stem": "block0",
             **{f"stage{i}": f"block{i}" for i in (1, 2, 3, 4)},
             **{f"preact{i}": f"block{i}.preact" for i in (1, 2, 3, 4)},
+            **{f"preact{i}_norm": f"block{i}.layers.{3 * convs[i] - 2}" for i in (1, 2, 3, 4)},
             "embedding": "classifier:input",
             "classifier": "classifier",
         }
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        self.feature_modules = [
+            "block0", "pool0", "block1", "pool1", "block2", "pool2", "block3", "pool3", "block4", "avgpool"
+        ]  # fmt: skip
+        init_weights(self, linear="normal")
 
     def forward(self, x: Tensor) -> Tensor:
         large = x.shape[-2] >= 64

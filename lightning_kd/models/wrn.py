@@ -13,15 +13,19 @@ Feature points (the benchmark's ``is_feat`` list):
 - ``preact1..3``: each stage's output after the BN that the next layer applies before its ReLU: the first
   BN of the next stage's first block for stages 1 and 2, the final BN for stage 3 (what the benchmark
   feeds to AB). An ``nn.Identity`` named ``preact`` sits between that BN and its ReLU, so the tap reads the
-  tensor the network computes anyway (no BN runs twice);
+  tensor the network computes anyway (no BN runs twice). ``preact1_norm..preact3_norm`` name those BNs;
 - ``embedding``: the pooled ``64k`` features the classifier reads; ``classifier``: the logits.
+
+``feature_modules`` (the benchmark's ``get_feat_modules``): the stem conv and the three stages. The final BN
+(``bn1``) and the classifier are outside: an initialisation stage neither trains them nor updates the BN's
+statistics.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_kd.models.registry import register_model
+from lightning_kd.models.registry import init_weights, register_model
 
 
 class WideBlock(nn.Module):
@@ -85,17 +89,14 @@ class WideResNet(nn.Module):
             "preact1": "block2.0.preact",
             "preact2": "block3.0.preact",
             "preact3": "preact",
+            "preact1_norm": "block2.0.bn1",
+            "preact2_norm": "block3.0.bn1",
+            "preact3_norm": "bn1",
             "embedding": "fc:input",
             "classifier": "fc",
         }
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        self.feature_modules = ["conv1", "block1", "block2", "block3"]
+        init_weights(self, linear="zero_bias")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
