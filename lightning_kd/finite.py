@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,3 +73,53 @@ def non_finite_error(
     return FloatingPointError(
         f"non-finite loss at global step {step} (epoch {epoch}, stage {stage!r}) from component(s) {bad}: {shown}"
     )
+
+
+class DivergenceGuard:
+    """Stops a fit whose loss grows by an order of magnitude within a stage.
+
+    After every epoch it compares the epoch's mean loss with the lowest epoch mean of the current stage so far; a
+    mean ``factor`` times higher (10 by default) means the stage diverged (an FSP initialisation stage at too high
+    a learning rate went 101 -> 58 -> 120 -> 252 -> 771 and left the student at 24.5 % after its main stage).
+
+    Args:
+        factor: the growth that counts as divergence; ``None`` turns the check off.
+    """
+
+    def __init__(self, factor: float | None = 10.0) -> None:
+        if factor is not None and not factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 (or None to turn the check off), got {factor}")
+        self.factor = factor
+        self.best: float | None = None
+
+    def new_stage(self) -> None:
+        """Forget the previous stage's losses (a new stage has another loss)."""
+        self.best = None
+
+    def check(self, epoch_loss: float, epoch: int, stage: Any) -> None:
+        """Record one epoch's mean loss; raise :class:`StageDivergedError` when it diverged."""
+        if self.factor is None or not math.isfinite(epoch_loss):
+            return
+        if self.best is not None and epoch_loss > self.factor * max(self.best, 1e-12):
+            name = getattr(stage, "name", str(stage))
+            advice = (
+                f"lower its learning rate (stage_lr of the distiller, e.g. {name.removesuffix('_init')}'s stage_lr)"
+                if not getattr(stage, "is_main", True)
+                else "lower the learning rate"
+            )
+            raise StageDivergedError(
+                f"stage {name!r} diverged: its mean loss in epoch {epoch} is {epoch_loss:.4g}, more than "
+                f"{self.factor:g}x its best epoch so far ({self.best:.4g}); {advice}, or pass "
+                "divergence_factor=null to go on anyway"
+            )
+        self.best = epoch_loss if self.best is None else min(self.best, epoch_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
+
+class StageDivergedError(FloatingPointError):
+    """A stage's loss grew by an order of magnitude: the fit is stopped before it wrecks the student."""

@@ -22,19 +22,25 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import math
+
 from torch import Tensor, nn
 
 from lightning_kd.distributed import gather_with_grad
+from lightning_kd.hparams import RemembersInit
 
 Batch = dict[str, Any]
 
 
-class Distiller(nn.Module):
+class Distiller(RemembersInit, nn.Module):
     """Base class of every distillation method.
+
+    A distiller remembers its constructor arguments (``init_config()``), so a module holding it can be rebuilt
+    from its saved hyperparameters.
 
     Args:
         weight: the factor of this loss in the total objective
-            ``task_loss_weight * CE + sum(weight_i * L_i)``.
+            ``task_loss_weight * CE + sum(weight_i * L_i)``: finite and >= 0 (0 turns the method off).
         student_layers: tap names on the student (groups such as ``"stages"`` allowed, see
             :func:`lightning_kd.taps.expand_taps`); ``None`` takes the method's default.
         teacher_layers: tap names on the teacher; ``None`` takes the method's default (or the student's).
@@ -59,6 +65,9 @@ class Distiller(nn.Module):
     paired_layers: bool = True
     #: weights of named terms when :meth:`forward` returns a dictionary (terms not listed use ``weight``)
     component_weights: dict[str, float] = {}
+    #: "train" puts the teacher's BatchNorm layers in train mode during training (OFD's reference does; it
+    #: changes the teacher's running statistics); "eval" (every other method) keeps the whole teacher in eval mode
+    teacher_bn_mode: str = "eval"
 
     def __init__(
         self,
@@ -70,11 +79,15 @@ class Distiller(nn.Module):
         stage_lr: float | None = None,
     ) -> None:
         super().__init__()
-        self.weight = float(weight)
+        name = name or type(self).__name__.lower()
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name}: weight must be a finite number >= 0 (0 turns the method off), got {weight}")
+        self.weight = weight
         self.student_layers = list(student_layers if student_layers is not None else self.default_student_layers)
         teacher_default = self.default_teacher_layers if self.default_teacher_layers is not None else self.student_layers
         self.teacher_layers = list(teacher_layers if teacher_layers is not None else teacher_default)
-        self.name = name or type(self).__name__.lower()
+        self.name = name
         if stage_epochs < 0:
             raise ValueError(f"{self.name}: stage_epochs must be >= 0, got {stage_epochs}")
         if stage_epochs and type(self).stage_loss is Distiller.stage_loss:
@@ -83,8 +96,6 @@ class Distiller(nn.Module):
         if stage_lr is not None and not stage_lr > 0:
             raise ValueError(f"{self.name}: stage_lr must be positive (or None for the optimizer's), got {stage_lr}")
         self.stage_lr = stage_lr
-        #: name of the stage the module is in ("main" or "<name>_init"); set by the module
-        self.stage = "main"
         #: 0-based epoch counted from the start of the current stage; set by the module before every step
         #: (methods with a warm-up read it, e.g. DKD's ``min((epoch + 1) / W, 1)``)
         self.epoch = 0
@@ -119,16 +130,19 @@ class Distiller(nn.Module):
         """The loss of this method's own initialisation stage (only methods with a stage define it)."""
         raise NotImplementedError(f"{type(self).__name__} has no initialisation stage")
 
-    def stage_parameters(self, student: nn.Module) -> Iterator[nn.Parameter]:
-        """Parameters trained in the initialisation stage.
+    def stage_parameters(self) -> Iterator[nn.Parameter]:
+        """This distiller's own parameters trained in its initialisation stage (default: all of them).
 
-        Default: this distiller's own parameters and the student's feature layers, i.e. every student
-        parameter except its classifier (``student.feature_paths["classifier"]``).
+        When ``stage_needs_student`` is True the stage also trains the student's feature path (its
+        ``feature_modules``, as the CRD benchmark's ``get_feat_modules()``; see
+        :meth:`lightning_kd.core.Distillation.stage_student_modules`).
         """
         yield from (p for p in self.parameters() if p.requires_grad)
-        classifier = classifier_of(student)
-        skip = {id(p) for p in classifier.parameters()}
-        yield from (p for p in student.parameters() if id(p) not in skip)
+
+    def stage_student_parameters(self, student: nn.Module) -> list[nn.Parameter] | None:
+        """The student parameters this method's initialisation stage trains, when it is not the student's
+        feature path (FitNet's hint stage trains the layers up to the hint); ``None`` (default): the feature path."""
+        return None
 
     def main_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of this distiller trained in the main stage (default: all that require grad)."""
@@ -136,8 +150,22 @@ class Distiller(nn.Module):
             yield from (p for p in self.parameters() if p.requires_grad)
 
     def on_stage(self, stage: str) -> None:
-        """Called by the module whenever a stage begins (also when a fit resumes inside one)."""
-        self.stage = stage
+        """Called by the module whenever a stage begins, with its name (``"main"`` or ``"<name>_init"``)."""
+
+    def setup_data(self, datamodule: Any) -> None:
+        """Called by the module's ``setup`` with the Trainer's data module (or None): check what the method needs
+        from the data and size what depends on it (CRD's memory banks). Default: nothing."""
+
+    # --- state a skipped batch must leave untouched -------------------------------------------------------
+    def snapshot_state(self) -> Any:
+        """Before a batch that may be skipped: whatever :meth:`restore_state` needs to undo the changes
+        :meth:`forward` makes besides the parameters. Default: a copy of every buffer."""
+        return [b.detach().clone() for b in self.buffers()]
+
+    def restore_state(self, snapshot: Any) -> None:
+        """Undo the state changes of the last :meth:`forward` (the batch was skipped)."""
+        for buffer, value in zip(self.buffers(), snapshot):
+            buffer.data.copy_(value)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the module before each training step with the 0-based epoch within the current stage."""

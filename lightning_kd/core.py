@@ -1,0 +1,546 @@
+"""The distillation core: a plain ``nn.Module`` that a PyTorch loop can train without Lightning.
+
+:class:`Distillation` holds a trainable student, a frozen teacher and a list of distillers. It builds the
+distillers' learnable parts from a probe forward, runs both networks with feature taps, and turns a batch into
+the weighted loss terms of the current stage::
+
+    student features  <- student(images)                 (taps by module path)
+    teacher features  <- teacher(images)                 (no_grad, eval mode, same autocast)
+    loss = task_loss_weight * CE(student logits, labels) + sum_i weight_i * distiller_i(features)
+
+A plain loop (the :class:`~lightning_kd.DistillationModule` does the same under a Lightning ``Trainer``)::
+
+    core = Distillation("resnet8", "resnet56", [KD()], teacher_checkpoint="teacher.ckpt", num_classes=10,
+                        input_size=(3, 16, 16))
+    optimizer = torch.optim.SGD(core.param_groups(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    core.train()
+    for epoch in range(10):
+        core.set_epoch(epoch, optimizer)          # stage and warm-ups; a new stage gets a fresh optimizer state
+        for batch in loader:
+            loss = core.compute_losses(batch).total
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+Images of a second view (MLKD's strong augmentation) come in ``batch["image_<view>"]``; a distiller asks for a
+tap on that view as ``"<tap>@<view>"`` (``"logits@strong"``), and each network runs once per view asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_kd.checkpoints import load_into
+from lightning_kd.distillers.base import Batch, Distiller, classifier_of
+from lightning_kd.hparams import instantiate
+from lightning_kd.models import create_model, feature_module_paths
+from lightning_kd.stages import MAIN, Stage, enter_stage, plan_stages, stage_at
+from lightning_kd.taps import LOGITS, FeatureTaps, expand_taps
+
+log = logging.getLogger(__name__)
+
+#: batch key of the default view; a view ``v`` is read from ``batch["image_" + v]``
+IMAGE = "image"
+VIEW_SEPARATOR = "@"
+
+
+def as_batch(batch: Any) -> Batch:
+    """Accept the library's dictionary batches and plain ``(images, labels, ...)`` tuples alike."""
+    if isinstance(batch, Mapping):
+        if IMAGE not in batch or "label" not in batch:
+            raise KeyError(f"a batch dictionary needs 'image' and 'label' keys, found {sorted(batch)}")
+        return dict(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        named = {IMAGE: batch[0], "label": batch[1]}
+        if len(batch) > 2:
+            named["index"] = batch[2]
+        if len(batch) > 3:
+            named["contrast_index"] = batch[3]
+        return named
+    raise TypeError(f"expected a batch dictionary or an (images, labels, ...) tuple, found {type(batch).__name__}")
+
+
+def split_view(tap: str) -> tuple[str, str | None]:
+    """``"logits@strong"`` -> ``("logits", "strong")``; a tap without a view -> ``(tap, None)``."""
+    base, _, view = tap.partition(VIEW_SEPARATOR)
+    return base, (view or None)
+
+
+def check_weight(value: float, name: str) -> float:
+    """A loss weight: finite and >= 0 (0 turns the term off); raises naming ``name`` otherwise."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off), got {value}")
+    return value
+
+
+@dataclass
+class LossTerms:
+    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``."""
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: Tensor, weight: float) -> None:
+        self.losses[name] = value
+        self.weights[name] = weight
+
+    @property
+    def total(self) -> Tensor:
+        """``sum_i weights[i] * losses[i]``."""
+        return sum(self.weights[name] * value for name, value in self.losses.items())  # type: ignore[return-value]
+
+
+class Distillation(nn.Module):
+    """Student, frozen teacher, taps and distillers: the distillation objective without Lightning.
+
+    Args:
+        student: the network to train: a module, or a bundled model's name
+            (:func:`lightning_kd.models.create_model`).
+        teacher: the frozen network to learn from (module or name), or ``None`` to train the student alone.
+        distillers: the methods (:class:`~lightning_kd.distillers.Distiller` objects, or ``{"class_path": ...,
+            "init_args": {...}}`` dictionaries).
+        task_loss_weight: ``gamma``, the weight of the cross-entropy with the labels (finite, >= 0).
+        teacher_checkpoint: weights for the teacher: a plain state dict file, or a Lightning checkpoint of this
+            library in which the teacher was trained as a student. Read with ``weights_only=True``.
+        student_checkpoint: initial weights for the student (same formats), e.g. an exported student to evaluate.
+        num_classes: classifier size of networks built by name.
+        input_size: ``(C, H, W)`` of one input, for the probe forward that sizes the distillers' parts.
+        teacher_precision: ``"same"`` runs the teacher in the student's precision; ``"bf16"``/``"fp16"`` under
+            its own autocast.
+        student_feature_paths / teacher_feature_paths: symbolic tap names for any network, e.g.
+            ``{"stage1": "layer1", ..., "embedding": "fc:input", "classifier": "fc"}`` for a torchvision ResNet;
+            merged over the bundled models' own ``feature_paths``.
+        stage_lr: learning rate of the initialisation stages when a distiller gives none (default: the
+            optimizer's own).
+    """
+
+    def __init__(
+        self,
+        student: str | nn.Module,
+        teacher: str | nn.Module | None = None,
+        distillers: Sequence[Distiller | Mapping[str, Any]] = (),
+        task_loss_weight: float = 1.0,
+        teacher_checkpoint: str | os.PathLike | None = None,
+        student_checkpoint: str | os.PathLike | None = None,
+        num_classes: int = 100,
+        input_size: Sequence[int] = (3, 32, 32),
+        teacher_precision: Literal["same", "bf16", "fp16"] = "same",
+        student_feature_paths: Mapping[str, str] | None = None,
+        teacher_feature_paths: Mapping[str, str] | None = None,
+        stage_lr: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = _network(student, num_classes, student_feature_paths, "student")
+        self.teacher = _network(teacher, num_classes, teacher_feature_paths, "teacher") if teacher is not None else None
+        distillers = [instantiate(d, Distiller, "distiller") for d in distillers]
+        if distillers and self.teacher is None and any(d.needs_teacher for d in distillers):
+            raise ValueError(
+                f"distillers {[d.name for d in distillers]} need a teacher, but teacher is None: pass a teacher "
+                "network (and usually teacher_checkpoint)"
+            )
+        if teacher_checkpoint is not None and self.teacher is None:
+            raise ValueError("teacher_checkpoint was given but teacher is None: name the teacher network too")
+        if teacher_precision not in ("same", "bf16", "fp16"):
+            raise ValueError(f"teacher_precision must be 'same', 'bf16' or 'fp16', got {teacher_precision!r}")
+        if stage_lr is not None and not stage_lr > 0:
+            raise ValueError(f"stage_lr must be positive (or None for the optimizer's), got {stage_lr}")
+        _make_names_unique(distillers)
+        self.distillers = nn.ModuleList(distillers)
+        self.task_loss_weight = check_weight(task_loss_weight, "task_loss_weight")
+        self.input_size = tuple(int(v) for v in input_size)
+        self.teacher_precision = teacher_precision
+        self.stage_lr = stage_lr
+
+        if student_checkpoint is not None:
+            load_into(self.student, student_checkpoint, what="student")
+        if self.teacher is not None:
+            if teacher_checkpoint is not None:
+                load_into(self.teacher, teacher_checkpoint, what="teacher")
+            elif distillers:
+                log.warning("The teacher has no teacher_checkpoint: distilling from random weights.")
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.teacher_bn_train = any(getattr(d, "teacher_bn_mode", "eval") == "train" for d in distillers)
+
+        for distiller in distillers:
+            _resolve_layers(distiller, self.student, self.teacher)
+        other_views = {split_view(t)[1] for d in distillers for t in d.student_layers + d.teacher_layers}
+        self.views = [IMAGE] + sorted(v for v in other_views if v and v != IMAGE)
+        self.student_taps = FeatureTaps(self.student, [split_view(t)[0] for d in distillers for t in d.student_layers])
+        self.teacher_taps = (
+            FeatureTaps(self.teacher, [split_view(t)[0] for d in distillers for t in d.teacher_layers])
+            if self.teacher is not None
+            else None
+        )
+        for distiller in distillers:
+            distiller.attach(self.student, self.teacher)
+        self.num_classes = self._probe_and_build()
+        self.stages = plan_stages(distillers)
+        self.stage = self.stages[0]
+        for distiller in distillers:
+            distiller.on_stage(self.stage.name)
+
+    # ------------------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------------------
+    def _probe_and_build(self) -> int:
+        """Run both networks once on zeros (eval mode, no grad) and let each distiller build its parts."""
+        probe = torch.zeros(2, *self.input_size)
+        batch = {IMAGE: probe, **{f"{IMAGE}_{v}": probe for v in self.views if v != IMAGE}}
+        with torch.no_grad(), _eval_mode(self.student, self.teacher):
+            student = self._run(self.student, self.student_taps, batch, self.views)
+            teacher = self._run(self.teacher, self.teacher_taps, batch, self.views) if self.teacher is not None else {}
+        classes = _num_outputs(student[LOGITS], "student")
+        if self.teacher is not None and (teacher_classes := _num_outputs(teacher[LOGITS], "teacher")) != classes:
+            raise ValueError(
+                f"the teacher predicts {teacher_classes} classes but the student {classes}: both must be built for "
+                "the same classes"
+            )
+        for distiller in self.distillers:
+            distiller.build(
+                [student[t] for t in distiller.student_layers],
+                [teacher[t] for t in distiller.teacher_layers] if self.teacher is not None else [],
+            )
+        return classes
+
+    def apply_speed_options(self, channels_last: bool = False, compile: bool = False) -> None:
+        """Keep both networks in the ``channels_last`` memory format, and/or ``torch.compile`` them in place
+        (taps keep working; state dict keys do not change)."""
+        networks = [n for n in (self.student, self.teacher) if n is not None]
+        for network in networks:
+            if channels_last:
+                network.to(memory_format=torch.channels_last)
+            if compile:
+                network.compile()
+        self.channels_last = channels_last
+
+    # ------------------------------------------------------------------------------------------------------
+    # modes: the teacher stays frozen and in eval mode; an initialisation stage trains the student's feature path
+    # ------------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Distillation:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+            if mode and self.teacher_bn_train:
+                for module in self.teacher.modules():
+                    if isinstance(module, nn.modules.batchnorm._NormBase):
+                        module.train()
+        stage = getattr(self, "stage", None)
+        if mode and stage is not None and not stage.is_main:
+            self.student.eval()
+            if stage.distiller.stage_needs_student:
+                for module in self.stage_student_modules():
+                    module.train()
+        return self
+
+    def stage_student_modules(self) -> list[nn.Module]:
+        """The student's modules trained in an initialisation stage: its feature path (the bundled models'
+        ``feature_modules``, as the CRD benchmark's ``get_feat_modules()``), else every child but the classifier."""
+        modules = dict(self.student.named_modules())
+        paths = feature_module_paths(self.student)
+        if paths is not None:
+            return [modules[p] for p in paths]
+        classifier = classifier_of(self.student)
+        return [m for m in self.student.children() if m is not classifier]
+
+    # ------------------------------------------------------------------------------------------------------
+    # stages and optimizer parameter groups
+    # ------------------------------------------------------------------------------------------------------
+    def stage_parameters(self, stage: Stage) -> list[nn.Parameter]:
+        """Parameters trained in ``stage`` (unique, in a fixed order)."""
+        if stage.distiller is not None:
+            params = list(stage.distiller.stage_parameters())
+            if stage.distiller.stage_needs_student:
+                own = stage.distiller.stage_student_parameters(self.student)
+                params += own if own is not None else [p for m in self.stage_student_modules() for p in m.parameters()]
+        else:
+            params = list(self.student.parameters())
+            for distiller in self.distillers:
+                params += list(distiller.main_parameters())
+        return list({id(p): p for p in params if p.requires_grad}.values())
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, one per set of stages a parameter trains in (``group["stages"]``).
+
+        A fit with one stage gets one group. With initialisation stages, :meth:`set_epoch` (given the
+        optimizer) switches between them: a new stage starts with a fresh optimizer state, its groups at the
+        stage's learning rate and every other group at 0.
+        """
+        membership: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for stage in self.stages:
+            for p in self.stage_parameters(stage):
+                membership.setdefault(id(p), []).append(stage.name)
+                params[id(p)] = p
+        groups: dict[tuple[str, ...], list[nn.Parameter]] = {}
+        for pid in sorted(params, key=list(params).index):
+            groups.setdefault(tuple(membership[pid]), []).append(params[pid])
+        return [{"params": ps, "stages": stages} for stages, ps in groups.items()]
+
+    def stage_learning_rate(self, stage: Stage) -> float | None:
+        """The learning rate an initialisation stage asks for (its distiller's, else ``stage_lr``); ``None`` for
+        the main stage or when neither is set (the optimizer's own)."""
+        if stage.distiller is None:
+            return None
+        return stage.distiller.stage_lr if stage.distiller.stage_lr is not None else self.stage_lr
+
+    def set_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> bool:
+        """Tell the core which (0-based) epoch the fit is in: selects the stage, sets the distillers' epoch within
+        it, and on a change of stage re-applies the train/eval modes and, given the optimizer, starts the new
+        stage in it (:func:`~lightning_kd.stages.enter_stage`). Returns whether the stage changed."""
+        stage = stage_at(self.stages, epoch)
+        changed = stage is not self.stage
+        if changed:
+            log.info("Epoch %d: stage %r begins (fresh optimizer state).", epoch, stage.name)
+            self.stage = stage
+            for distiller in self.distillers:
+                distiller.on_stage(stage.name)
+            self.train(self.training)
+            if optimizer is not None:
+                schedule = scheduler if stage.is_main else None  # initialisation stages run at a constant rate
+                enter_stage(optimizer, stage.name, self.stage_learning_rate(stage), schedule, fresh=True)
+        for distiller in self.distillers:
+            distiller.set_epoch(epoch - stage.start_epoch)
+        return changed
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the current stage does not train (DDP needs a zero gradient for them)."""
+        active = {id(p) for p in self.stage_parameters(self.stage)}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in active]
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward passes
+    # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _run(network: nn.Module, taps: FeatureTaps | None, batch: Batch, views: Sequence[str]) -> dict[str, Tensor]:
+        """The network's logits and tapped features on each view; keys of a view other than the default carry
+        ``@<view>``."""
+        features: dict[str, Tensor] = {}
+        for view in views:
+            key = IMAGE if view == IMAGE else f"{IMAGE}_{view}"
+            if key not in batch:
+                raise KeyError(
+                    f"a distiller reads the view {view!r}, but the batch has no {key!r} (keys {sorted(batch)}): "
+                    f"ask the data module for it (e.g. data.init_args.strong_view=true)"
+                )
+            logits = network(batch[key])
+            out = taps.pop() if taps is not None else {}
+            out[LOGITS] = logits
+            suffix = "" if view == IMAGE else VIEW_SEPARATOR + view
+            features.update({name + suffix: value for name, value in out.items()})
+        return features
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if getattr(self, "channels_last", False) else images
+
+    def teacher_forward(self, images: Tensor) -> dict[str, Tensor]:
+        """The teacher's logits and tapped features on ``images``: no grad, eval mode, in ``teacher_precision``."""
+        return self._teacher_features({IMAGE: images}, [IMAGE])
+
+    def _teacher_features(self, batch: Batch, views: Sequence[str]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            if self.teacher_precision == "same":
+                return self._run(self.teacher, self.teacher_taps, batch, views)
+            dtype = torch.bfloat16 if self.teacher_precision == "bf16" else torch.float16
+            device = batch[IMAGE].device.type
+            with torch.autocast(device, dtype=dtype):
+                features = self._run(self.teacher, self.teacher_taps, batch, views)
+            # the distillers' teacher-side parts run in the student's precision
+            return {name: value.float() for name, value in features.items()}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The student's logits (what an exported student computes)."""
+        logits = self.student(self._prepare(images))
+        self.student_taps.features.clear()
+        return logits
+
+    def teacher_needed(self, stage: Stage | None = None) -> bool:
+        """Whether ``stage`` (default: the current one) reads the teacher at all."""
+        stage = stage or self.stage
+        if self.teacher is None:
+            return False
+        if stage.distiller is not None:
+            return stage.distiller.needs_teacher
+        return any(d.active_in_main and d.needs_teacher and d.weight for d in self.distillers)
+
+    def compute_losses(self, batch: Any) -> LossTerms:
+        """The loss terms of one training batch in the current stage and their weights.
+
+        Main stage: ``ce`` (weight ``task_loss_weight``) and one term per active distiller (its ``weight``; a
+        distiller returning named terms gives ``<name>/<term>``). Initialisation stage: the stage's own loss,
+        weight 1.
+        """
+        batch = as_batch(batch)
+        stage = self.stage
+        views = self.views
+        prepared = {k: self._prepare(v) if k.startswith(IMAGE) and isinstance(v, Tensor) else v for k, v in batch.items()}
+        needs_student = stage.distiller is None or stage.distiller.stage_needs_student
+        student = self._run(self.student, self.student_taps, prepared, views) if needs_student else {}
+        if self.teacher_needed(stage):
+            teacher = self._teacher_features(prepared, views)
+        else:
+            teacher = {}
+            if self.teacher_taps is not None:
+                self.teacher_taps.features.clear()
+
+        def features(distiller: Distiller) -> tuple[list[Tensor], list[Tensor]]:
+            return (
+                [student[t] for t in distiller.student_layers] if student else [],
+                [teacher[t] for t in distiller.teacher_layers] if teacher else [],
+            )
+
+        terms = LossTerms()
+        if stage.distiller is not None:
+            terms.add(stage.name, stage.distiller.stage_loss(*features(stage.distiller), batch), 1.0)
+            return terms
+        if self.task_loss_weight:
+            terms.add("ce", F.cross_entropy(student[LOGITS].float(), batch["label"]), self.task_loss_weight)
+        for distiller in self.distillers:
+            if not (distiller.active_in_main and distiller.weight):
+                continue
+            value = distiller(*features(distiller), batch)
+            if isinstance(value, Mapping):
+                for key, term in value.items():
+                    terms.add(f"{distiller.name}/{key}", term, distiller.component_weights.get(key, distiller.weight))
+            else:
+                terms.add(distiller.name, value, distiller.weight)
+        return terms
+
+    # ------------------------------------------------------------------------------------------------------
+    # state that a skipped batch must leave untouched
+    # ------------------------------------------------------------------------------------------------------
+    @contextmanager
+    def revertible(self) -> Iterator[_Revert]:
+        """Everything a forward changes besides the parameters can be undone: BatchNorm statistics (the
+        student's, and the teacher's when a distiller puts its BatchNorm in train mode) and the distillers' own
+        state (e.g. CRD's memory banks). ``with core.revertible() as step: ...; step.revert()``."""
+        networks = [self.student] + ([self.teacher] if self.teacher is not None and self.teacher_bn_train else [])
+        buffers = [b for n in networks for b in n.buffers()]
+        saved = [b.detach().clone() for b in buffers]
+        states = [d.snapshot_state() for d in self.distillers]
+        step = _Revert(buffers, saved, list(self.distillers), states)
+        yield step
+
+    # ------------------------------------------------------------------------------------------------------
+    # identity and export
+    # ------------------------------------------------------------------------------------------------------
+    def teacher_fingerprint(self) -> str | None:
+        """sha256 of the teacher's weights (names, shapes, dtypes, values): identifies the teacher a fit used."""
+        return fingerprint(self.teacher) if self.teacher is not None else None
+
+    def export_student(self, path: str | os.PathLike) -> None:
+        """Write the student alone as a plain state dict (load it with ``weights_only=True``)."""
+        torch.save({k: v.detach().cpu() for k, v in self.student.state_dict().items()}, path)
+
+
+class _Revert:
+    """Undo handle of :meth:`Distillation.revertible`."""
+
+    def __init__(self, buffers: list[Tensor], saved: list[Tensor], distillers: list[Distiller], states: list) -> None:
+        self.buffers, self.saved, self.distillers, self.states = buffers, saved, distillers, states
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        for buffer, value in zip(self.buffers, self.saved):
+            buffer.copy_(value)
+        for distiller, state in zip(self.distillers, self.states):
+            distiller.restore_state(state)
+
+
+def fingerprint(network: nn.Module) -> str:
+    """sha256 over a network's state dict (sorted names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(network.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    modes = [(m, m.training) for m in modules if m is not None]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+def _network(spec: str | nn.Module, num_classes: int, paths: Mapping[str, str] | None, who: str) -> nn.Module:
+    if spec is None and who == "student":
+        raise ValueError(
+            "the student is None: name a bundled model or pass a network (a network given as a module is not part "
+            "of a checkpoint's hyperparameters: pass student=... to load_from_checkpoint again)"
+        )
+    if isinstance(spec, str):
+        network = create_model(spec, num_classes=num_classes)
+    elif isinstance(spec, nn.Module):
+        network = spec
+    else:
+        raise TypeError(f"the {who} must be an nn.Module or a bundled model's name, got {type(spec).__name__}")
+    if paths:
+        network.feature_paths = {**(getattr(network, "feature_paths", None) or {}), **dict(paths)}
+    return network
+
+
+def _num_outputs(logits: Tensor, who: str) -> int:
+    if logits.dim() != 2:
+        raise ValueError(f"the {who} must return (batch, classes) logits, returned shape {tuple(logits.shape)}")
+    return int(logits.shape[1])
+
+
+def _resolve_layers(distiller: Distiller, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Expand tap groups on each side (keeping any ``@view``) and check that paired methods read as many layers
+    on both."""
+
+    def expand(network: nn.Module, taps: list[str]) -> list[str]:
+        out = []
+        for tap in taps:
+            base, view = split_view(tap)
+            suffix = VIEW_SEPARATOR + view if view else ""
+            out += [name + suffix for name in expand_taps(network, [base])]
+        return out
+
+    distiller.student_layers = expand(student, distiller.student_layers)
+    if not distiller.student_layers:
+        raise ValueError(f"{distiller.name} reads no student layer: give student_layers at least one tap name")
+    if teacher is None:
+        return
+    distiller.teacher_layers = expand(teacher, distiller.teacher_layers)
+    if distiller.paired_layers and len(distiller.student_layers) != len(distiller.teacher_layers):
+        raise ValueError(
+            f"{distiller.name} compares layers pairwise but reads {len(distiller.student_layers)} student layers "
+            f"{distiller.student_layers} and {len(distiller.teacher_layers)} teacher layers "
+            f"{distiller.teacher_layers}: pass student_layers and teacher_layers of the same length"
+        )
+
+
+RESERVED_NAMES = {"ce", "loss", "total", MAIN}
+
+
+def _make_names_unique(distillers: list[Distiller]) -> None:
+    seen: dict[str, int] = {}
+    for distiller in distillers:
+        count = seen.get(distiller.name, 0)
+        seen[distiller.name] = count + 1
+        if count:
+            distiller.name = f"{distiller.name}_{count + 1}"
+    clash = [d.name for d in distillers if d.name in RESERVED_NAMES]
+    if clash:
+        raise ValueError(f"distiller names {clash} clash with the module's own log names {sorted(RESERVED_NAMES)}")
