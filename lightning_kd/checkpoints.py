@@ -19,11 +19,28 @@ class CheckpointError(ValueError):
     """A weights file cannot be used: unsafe, corrupt, or not matching the network."""
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_BYTE = 0x80
+
+
 def load_weights_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors a user can act on."""
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors a user can act on.
+
+    Tells apart a file that is not a PyTorch weights file at all (text, an image, an HTML error page), a
+    truncated or corrupt one, and one that holds pickled objects (refused without being unpickled).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file {path!r} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise CheckpointError(f"cannot read {path!r}: the file is empty")
+    if head != ZIP_MAGIC and head[0] != PICKLE_PROTOCOL_BYTE:
+        raise CheckpointError(
+            f"{path!r} is not a PyTorch weights file (it starts with {head!r}; a file written by torch.save starts "
+            "with a zip header): check the path"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -34,8 +51,52 @@ def load_weights_file(path: str | os.PathLike) -> Any:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
-            f"cannot read {path!r}: the file is truncated or corrupt ({type(error).__name__}: {error})"
+            f"cannot read {path!r}: the file is truncated or corrupt ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]})"
         ) from None
+
+
+def is_lightning_checkpoint(loaded: Any) -> bool:
+    """Whether a loaded file is a Lightning checkpoint (a ``state_dict`` entry beside the loop states)."""
+    return isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"lightning"`` for a checkpoint written by a fit, ``"state_dict"`` for a plain state dict (an exported
+    network); raises :class:`CheckpointError` for anything else."""
+    loaded = load_weights_file(path)
+    if is_lightning_checkpoint(loaded):
+        return "lightning"
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, Tensor) for v in loaded.values()):
+        return "state_dict"
+    raise CheckpointError(f"{os.fspath(path)!r} is neither a Lightning checkpoint nor a state dict of tensors")
+
+
+def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module) -> None:
+    """Before Lightning loads ``path`` into ``module``: the checkpoint's weights must fit the module's (a teacher's
+    checkpoint given to resume a distillation is the common mistake). Raises one short :class:`CheckpointError`
+    instead of thousands of characters of key names."""
+    state = load_weights_file(path)["state_dict"]
+    own = module.state_dict()
+    relevant = {k for k in own if not k.startswith("teacher.")}
+    saved = {k for k in state if not k.startswith("teacher.")}
+    missing, unexpected = sorted(relevant - saved), sorted(saved - relevant)
+    mismatched = [k for k in relevant & saved if tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    hint = ""
+    if _has_distillers(own) and not _has_distillers(state):
+        hint = " It looks like a checkpoint of a network trained alone (a teacher?): use it as model.teacher_checkpoint."
+    raise CheckpointError(
+        f"{os.fspath(path)!r} does not fit this run: {len(missing)} of its weights are missing (e.g. "
+        f"{', '.join(missing[:3]) or '-'}), {len(unexpected)} are not part of this run (e.g. "
+        f"{', '.join(unexpected[:3]) or '-'}), {len(mismatched)} differ in shape (e.g. {', '.join(mismatched[:3]) or '-'})."
+        f"{hint} A checkpoint resumes the run that wrote it, with the same networks and distillers."
+    )
+
+
+def _has_distillers(state: dict[str, Any]) -> bool:
+    return any(k.startswith("distillers.") for k in state)
 
 
 def extract_state_dict(loaded: Any, prefix: str = "student.") -> dict[str, Tensor]:
