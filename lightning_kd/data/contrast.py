@@ -30,24 +30,25 @@ prints them):
 So per sample it costs about what a NumPy draw with replacement costs and a third of the reference's
 draw without replacement; what it saves is the per-class lists' memory and the global NumPy random state.
 
-Randomness: in each DataLoader worker, :class:`ContrastiveDataset` draws with its own ``torch.Generator``
-seeded from the worker's seed (``torch.utils.data.get_worker_info().seed``), so the negatives are
-reproducible, differ between workers and do not depend on how many random numbers the augmentation
-consumed; in the main process (``num_workers=0``) it uses torch's global generator, which
-``seed_everything`` seeds. The global NumPy random state is never used.
+Randomness: each sample's negatives are drawn with a ``torch.Generator`` seeded from the sample's key
+``(seed, epoch, index)`` (:func:`~lightning_kd.data.seeding.sample_key`, a stream of their own), so they are the
+same in the main process and in any worker, whatever the number of workers, on any rank and after a resume,
+differ from epoch to epoch, and do not depend on how many random numbers the augmentation consumed. Neither
+torch's nor NumPy's global generator is used (seeding a generator costs about 3 microseconds a sample).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from lightning_kd.data.augment import as_sample
 from lightning_kd.data.sampling import WrappedDataset
+from lightning_kd.data.seeding import STREAM_NEGATIVES, SampleKey, sample_key, split_key
 
 
 class NegativeSampler:
@@ -137,18 +138,22 @@ def labels_of(dataset: Dataset) -> Tensor:
 
 
 class ContrastiveDataset(WrappedDataset):
-    """A dataset of ``(image, label)`` pairs as dictionaries with CRD's indices.
+    """A dataset of ``(image, label)`` pairs (or dictionaries) as dictionaries with CRD's indices.
 
-    Each item is ``{"image", "label", "index": i, "contrast_index": (K + 1,)}`` where
-    ``contrast_index[0] == i`` (the positive) and the other K entries are indices of samples of other
-    classes, drawn by a :class:`NegativeSampler`.
+    Each item is ``{"image", "label", "index": i, "contrast_index": (K + 1,)}`` (plus the wrapped dataset's
+    other keys) where ``contrast_index[0] == i`` (the positive) and the other K entries are indices of samples
+    of other classes, drawn by a :class:`NegativeSampler` with a generator keyed by ``(seed, epoch, i)``.
 
     Args:
-        dataset: the training set, yielding ``(image, label)``.
+        dataset: the training set, yielding ``(image, label)`` or dictionaries with ``image`` and ``label``.
         num_negatives: ``K``.
         labels: the dataset's labels; read with :func:`labels_of` when not given.
         replacement: see :class:`NegativeSampler`.
+        seed: the data seed used for a bare index (the training sampler passes ``(index, epoch, seed)`` keys;
+            the epoch of a bare index is the last one given to :meth:`set_epoch`).
     """
+
+    keyed = True
 
     def __init__(
         self,
@@ -156,6 +161,7 @@ class ContrastiveDataset(WrappedDataset):
         num_negatives: int,
         labels: Tensor | None = None,
         replacement: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__(dataset)
         labels = labels_of(dataset) if labels is None else torch.as_tensor(labels, dtype=torch.long)
@@ -163,41 +169,22 @@ class ContrastiveDataset(WrappedDataset):
         if labels.numel() != size:
             raise ValueError(f"got {labels.numel()} labels for a dataset of {size} samples")
         self.sampler = NegativeSampler(labels, num_negatives, replacement=replacement)
-        self._generator: torch.Generator | None = None
-        self._generator_key: tuple[Any, ...] | None = None
+        self.seed, self.epoch = int(seed), 0
 
-    def generator(self) -> torch.Generator | None:
-        """The generator of the negatives in this loader process.
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        super().set_epoch(epoch)
 
-        In a DataLoader worker: a generator of this dataset's own, seeded from the worker's seed
-        (``get_worker_info().seed``, i.e. the loader's base seed + worker id) and made afresh in each new
-        worker; so workers draw different negatives, reproducibly, whatever the augmentation consumes. In the
-        main process (``num_workers=0``): ``None``, i.e. torch's global generator, the one ``seed_everything``
-        seeds and the loader's shuffling uses.
-        """
-        info = get_worker_info()
-        if info is None:
-            return None
-        key = (os.getpid(), info.id, info.seed)
-        if self._generator is None or self._generator_key != key:
-            self._generator = torch.Generator().manual_seed(int(info.seed) % 2**63)
-            self._generator_key = key
-        return self._generator
+    def negatives(self, index: int, epoch: int, seed: int) -> Tensor:
+        """The ``(K,)`` negatives of sample ``index`` in ``epoch``: a pure function of the three and the labels."""
+        generator = torch.Generator().manual_seed(sample_key(seed, epoch, index, STREAM_NEGATIVES))
+        return self.sampler.sample(self.sampler.labels[index], generator)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image, label = self.dataset[index]
-        label = torch.as_tensor(label, dtype=torch.long)
-        negatives = self.sampler.sample(self.sampler.labels[index], self.generator())
-        contrast_index = torch.cat([torch.tensor([index], dtype=torch.long), negatives])
-        return {
-            "image": image,
-            "label": label,
-            "index": torch.as_tensor(index, dtype=torch.long),
-            "contrast_index": contrast_index,
-        }
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_generator"] = None  # each worker seeds its own
-        state["_generator_key"] = None
-        return state
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, epoch, seed = split_key(key, self.epoch, self.seed)
+        sample = as_sample(self.inner_item(key))
+        sample["index"] = torch.as_tensor(index, dtype=torch.long)
+        sample["contrast_index"] = torch.cat(
+            [torch.tensor([index], dtype=torch.long), self.negatives(index, epoch, seed)]
+        )
+        return sample
