@@ -27,4 +27,11 @@ from lightning_kd.functional.sp import similarity_matrix, sp_loss
 # -- CRD --
 from lightning_kd.functional.crd import contrast_loss, contrast_scores, crd_batch_loss, momentum_update
 
+# -- modern logit methods --
+from lightning_kd.functional.ctkd import ctkd_lambda, gradient_reversal
+from lightning_kd.functional.dist import dist_loss, pearson_rows
+from lightning_kd.functional.dkd import class_indices, dkd_loss, non_target_logits
+from lightning_kd.functional.kd import check_logits, standardize_logits
+from lightning_kd.functional.nkd import nkd_loss
+
 __all__ = [name for name, value in dict(globals()).items() if not name.startswith("_") and callable(value)]
