@@ -22,4 +22,10 @@ from lightning_kd.distillers.sp import SP
 # -- CRD --
 from lightning_kd.distillers.crd import CRD
 
+# -- modern logit methods --
+from lightning_kd.distillers.ctkd import CurriculumTemperature
+from lightning_kd.distillers.dist import DIST
+from lightning_kd.distillers.dkd import DKD
+from lightning_kd.distillers.nkd import NKD
+
 __all__ = [name for name in dir() if not name.startswith("_") and name[0].isupper()]
