@@ -34,4 +34,9 @@ from lightning_kd.functional.dkd import class_indices, dkd_loss, non_target_logi
 from lightning_kd.functional.kd import check_logits, standardize_logits
 from lightning_kd.functional.nkd import nkd_loss
 
+# -- ReviewKD, OFD, MLKD --
+from lightning_kd.functional.mlkd import batch_correlation_loss, class_correlation_loss, confidence_masks, mlkd_loss
+from lightning_kd.functional.ofd import ofd_loss, ofd_margin
+from lightning_kd.functional.reviewkd import hcl_level_weights, hcl_loss
+
 __all__ = [name for name, value in dict(globals()).items() if not name.startswith("_") and callable(value)]
