@@ -28,4 +28,9 @@ from lightning_kd.distillers.dist import DIST
 from lightning_kd.distillers.dkd import DKD
 from lightning_kd.distillers.nkd import NKD
 
+# -- ReviewKD, OFD, MLKD --
+from lightning_kd.distillers.mlkd import MLKD
+from lightning_kd.distillers.ofd import OFD
+from lightning_kd.distillers.reviewkd import ReviewKD
+
 __all__ = [name for name in dir() if not name.startswith("_") and name[0].isupper()]
