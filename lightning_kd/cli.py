@@ -28,6 +28,7 @@ from lightning_kd.callbacks import PredictionWriter, progress_bar, run_dir
 from lightning_kd.checkpoints import CheckpointError, checkpoint_kind, check_resume_checkpoint, load_into
 from lightning_kd.finite import StageDivergedError
 from lightning_kd.module import DistillationModule, TeacherMismatchError
+from lightning_kd.records import RunRecord
 from lightning_kd.taps import TapError
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,7 @@ class DistillationCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is not False and not any("ProgressBar" in n for n in names):
             defaults.append(progress_bar())
         if not any(n.endswith("RunRecord") for n in names):
-            try:  # TEMPORARY until records.py lands
-                from lightning_kd.records import RunRecord
-
-                defaults.append(RunRecord())
-            except ImportError:
-                pass
+            defaults.append(RunRecord())
         if self.subcommand == "predict" and not any("PredictionWriter" in n for n in names):
             defaults.append(PredictionWriter())
         self.trainer_defaults["callbacks"] = defaults
