@@ -1,4 +1,4 @@
-"""The CIFAR-100 configs parse and build through the CLI, offline, and ``lightning_kd.reproduce`` lists the table."""
+"""The CIFAR-100 configs parse and build through the CLI, offline."""
 
 from __future__ import annotations
 
@@ -137,88 +137,9 @@ def test_pair_composes_with_a_method_config() -> None:
 
 @pytest.mark.parametrize("student, lr", [("wrn_16_2", 0.05), ("ShuffleV2", 0.01)])
 def test_student_config_builds(student: str, lr: float) -> None:
-    command = next(c for c in reproduce.build_commands(ROOT / "configs", only=["students"]) if c.label == student)
-    cli = run_cli(list(command.args[1:]), run=False)
+    """The student-alone run of ``lightning_kd.reproduce`` (its tests are in test_reproduce.py) builds."""
+    run = next(r for r in reproduce.build_runs(ROOT / "configs", only=["students"], seeds=[0]) if r.pair == student)
+    cli = run_cli(run.args()[1:], run=False)
     assert type(cli.model.student) is type(create_model(student)) and cli.model.teacher is None
     _check_recipe(cli, lr=lr)
-    assert cli.trainer.logger.name == student
-
-
-# ------------------------------------------------------------------------------------------------------------
-# python -m lightning_kd.reproduce
-# ------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def configs(tmp_path: Path) -> Path:
-    """A copy of the CIFAR-100 configs with three stand-in method files."""
-    root = tmp_path / "configs"
-    for source in CIFAR.rglob("*.yaml"):
-        target = root / "cifar100" / source.relative_to(CIFAR)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(source.read_text())
-    (root / "methods").mkdir()
-    for method in ("crd", "kd", "fsp"):
-        (root / "methods" / f"{method}.yaml").write_text("model: {}\n")
-    return root
-
-
-def test_reproduce_lists_the_table(configs: Path) -> None:
-    commands = reproduce.build_commands(configs)
-    teachers = [c for c in commands if c.section == "teachers"]
-    students = [c for c in commands if c.section == "students"]
-    cells = [c for c in commands if c.section == "cells"]
-    assert commands == teachers + students + cells  # teachers first
-    assert [c.label for c in teachers] == TEACHERS
-    assert sorted(c.label for c in students) == sorted({s for _, s in PAIRS})
-    fsp_na = reproduce.NOT_APPLICABLE["fsp"]
-    assert len(fsp_na) == 7
-    expected = [
-        f"{t}-{s} {m}" for t, s in PAIRS for m in ("kd", "fsp", "crd") if not (m == "fsp" and f"{t}-{s}" in fsp_na)
-    ]
-    assert [c.label for c in cells] == expected  # table order, methods in the table's order
-    assert len(cells) == 13 * 3 - 7
-    for command in teachers + cells:
-        paths = [command.args[i + 1] for i, arg in enumerate(command.args) if arg == "--config"]
-        assert paths and all(Path(p).is_file() for p in paths)
-    cell = next(c for c in cells if c.label == "vgg13-vgg8 kd")
-    assert cell.shell() == (
-        f"lightning-kd fit --config {configs}/cifar100/pairs/vgg13-vgg8.yaml "
-        f"--config {configs}/methods/kd.yaml --trainer.logger.init_args.name=kd"
-    )
-    assert len(reproduce.build_commands(configs, include_na=True, only=["cells"])) == 13 * 3
-
-
-def test_reproduce_filters(configs: Path, capsys: pytest.CaptureFixture) -> None:
-    commands = reproduce.build_commands(configs, pairs=["resnet32x4-resnet8x4", "vgg13-vgg8"], methods=["KD"], seed=1)
-    assert [c.label for c in commands] == [
-        "resnet32x4", "vgg13", "resnet8x4", "vgg8", "resnet32x4-resnet8x4 kd", "vgg13-vgg8 kd"
-    ]  # fmt: skip
-    assert all(c.args[-1] == "--seed_everything=1" for c in commands)
-    assert reproduce.main(["--configs", str(configs), "--only", "teachers", "--pair", "ResNet50-vgg8"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "# teachers", f"lightning-kd fit --config {configs}/cifar100/teachers/ResNet50.yaml"
-    ]  # fmt: skip
-    with pytest.raises(ValueError, match="did you mean resnet32x4-resnet8x4"):
-        reproduce.build_commands(configs, pairs=["resnet32x4-resnet8"])
-    with pytest.raises(SystemExit):
-        reproduce.main(["--configs", str(configs), "--method", "nope"])
-    assert "unknown method 'nope'" in capsys.readouterr().err
-
-
-def test_reproduce_run_executes_in_order(configs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[list[str]] = []
-
-    class Done:
-        def __init__(self, code: int) -> None:
-            self.returncode = code
-
-    def fake_run(argv: list[str], check: bool) -> Done:
-        calls.append(argv)
-        return Done(1 if len(calls) == 2 else 0)
-
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
-    assert reproduce.main(["--configs", str(configs), "--only", "teachers", "--run"]) == 1
-    assert len(calls) == 2  # stopped at the failure
-    assert calls[0][1:4] == ["-m", "lightning_kd.cli", "fit"] and calls[0][-1].endswith("teachers/wrn_40_2.yaml")
-    calls.clear()
-    assert reproduce.main(["--configs", str(configs), "--only", "teachers", "--run", "--keep-going"]) == 1
-    assert len(calls) == 6
+    assert cli.trainer.logger.save_dir == run.folder and cli.trainer.default_root_dir.endswith(run.folder)
