@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_kd.published import METHOD_ORDER, PAIR_ORDER, Published, lookup, method_key
-from lightning_kd.records import FINISHED, RECORD_NAME, read_record
+from lightning_kd.records import EVALUATED, FINISHED, RECORD_NAME, read_record
 
 ALONE_ROLES = ("teacher", "student")
 
@@ -133,13 +133,15 @@ class Row:
 
 @dataclass
 class Report:
-    """What the report found: the rows per benchmark, the runs not finished, duplicates and unreadable files."""
+    """What the report found: the rows per benchmark, the runs not finished, duplicates, records of validate/test
+    commands without a fit, and unreadable files."""
 
     rows: list[Row]
     unfinished: list[Run]
     superseded: list[Run]
     unreadable: list[tuple[Path, str]]
     folders: list[Path]
+    evaluated: list[Run] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ def build_report(folders: Sequence[str | Path]) -> Report:
     """Read the records under ``folders`` and group them into the table's rows."""
     runs, unreadable = find_runs(folders)
     finished = [r for r in runs if r.status == FINISHED]
-    unfinished = [r for r in runs if r.status != FINISHED]
+    unfinished = [r for r in runs if r.status not in (FINISHED, EVALUATED)]
+    evaluated = [r for r in runs if r.status == EVALUATED]
     alone, superseded_alone = _newest(
         [r for r in finished if r.alone], lambda r: (r.benchmark, r.network, r.seed if r.seed is not None else r.path)
     )
@@ -242,7 +245,7 @@ def build_report(folders: Sequence[str | Path]) -> Report:
         row.missing = sorted(seeds_per_benchmark.get(row.benchmark, set()) - have)
         row.published = lookup(row.benchmark, row.pair, row.method)
     unfinished.sort(key=lambda r: (r.benchmark, _pair_order(r.pair), _order(r.method), str(r.seed)))
-    return Report(rows, unfinished, superseded, unreadable, [Path(f) for f in folders])
+    return Report(rows, unfinished, superseded, unreadable, [Path(f) for f in folders], evaluated)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,6 +307,13 @@ def format_markdown(report: Report) -> str:
     if report.superseded:
         lines += ["", "## Repeated runs (the newest record of each seed is used)", ""]
         lines += [f"- `{run.path}` ({run.benchmark} {run.pair} {run.method} seed {run.seed})" for run in report.superseded]
+    if report.evaluated:
+        lines += ["", "## Records of validate/test commands without a fit", ""]
+        for run in report.evaluated:
+            evaluations = (run.record.get("evaluations") or {}).values()
+            metrics = {k: v for e in evaluations for k, v in (e.get("metrics") or {}).items()}
+            shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k.endswith("acc1") and v is not None)
+            lines.append(f"- `{run.path}` ({run.benchmark} {run.pair} {run.method}){': ' + shown if shown else ''}")
     if report.unreadable:
         lines += ["", "## Unreadable records", ""]
         lines += [f"- `{path}`: {why}" for path, why in report.unreadable]
@@ -470,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(args.folders)
     except FileNotFoundError as error:
         parser.error(str(error))
-    if not report.rows and not report.unfinished and not report.unreadable:
+    if not (report.rows or report.unfinished or report.evaluated or report.unreadable):
         parser.exit(1, f"lightning-kd report: no {RECORD_NAME} under {', '.join(args.folders)}: the runs write one "
                        "into their log folder (lightning-kd adds the RunRecord callback)\n")  # fmt: skip
     paths = write_report(report, args.output)

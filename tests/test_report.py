@@ -64,6 +64,9 @@ def runs(tmp_path: Path) -> Path:
                          error={"type": "StageDivergedError", "message": "loss | went up\nfast"}))  # fmt: skip
     _write(root, _record("cifar100", PAIR, "mymethod", 0, best=0.7001, last=0.6990))
     _write(root, _record("cifar100", PAIR, "mymethod", 1, status="running", best=0.5, last=0.5))
+    _write(root, _record("cifar100", "resnet8x4", "student", 0, status="evaluated", teacher=None,
+                         evaluations={"test": {"metrics": {"test/acc1": 0.7311, "test/loss": 1.2}}}),
+           where="validated/resnet8x4")  # a test command's record without a fit: listed, not a run  # fmt: skip
     (root / "broken").mkdir()
     (root / "broken" / "run.json").write_text("{half a record")
     return root
@@ -95,6 +98,7 @@ def test_rows_statistics_and_published_numbers(runs: Path) -> None:
     assert rows[PAIR, "kd"].best_epochs == [200, 201, 202]
     assert [(r.method, r.seed, r.status) for r in built.unfinished] == [("crd", 1, "failed"), ("mymethod", 1, "running")]
     assert [r.path.parent.name for r in built.superseded] == ["kd-seed0"]
+    assert [r.path.parent.name for r in built.evaluated] == ["resnet8x4"]
     assert [p.parent.name for p, _ in built.unreadable] == ["broken"]
 
 
@@ -113,6 +117,7 @@ def test_written_files(runs: Path, tmp_path: Path) -> None:
     assert "| failed | cifar100 | resnet32x4-resnet8x4 | crd | 1 | 17/240 |" in unfinished
     assert "StageDivergedError: loss \\| went up fast" in unfinished
     assert "| running | cifar100 | resnet32x4-resnet8x4 | mymethod | 1 |" in unfinished
+    assert "validated/resnet8x4/run.json` (cifar100 resnet8x4 student): test/acc1 73.11" in text
     assert "kd-seed0" in text.split("## Repeated runs")[1] and "broken" in text.split("## Unreadable records")[1]
     # the failed and running seeds are never averaged: 31 % and 50 % appear nowhere in the tables
     assert "31.00" not in text and "50.00" not in text
