@@ -117,10 +117,11 @@ def summarize_curve(curve: list[dict[str, Any]], monitor: str = "val/acc1") -> d
 class RunRecord(Callback):
     """Write ``run.json`` into the run's log folder: status, labels, seed, validation curve, best and last top-1.
 
-    The folder is the run's own (:func:`~lightning_kd.callbacks.run_dir`): ``trainer.log_dir`` for a CSV or
-    TensorBoard logger, ``<save_dir>/<name>/<version>`` for other loggers, ``trainer.default_root_dir`` without a
-    logger; the config (``config.yaml``) is saved there too. See the module docstring for the fields. ``lightning-kd`` adds one to every run unless the config
-    brings its own; :mod:`lightning_kd.reproduce` brings its own to name the run's labels.
+    The folder is the run's own (:func:`~lightning_kd.callbacks.run_dir`, where ``config.yaml`` goes too):
+    ``trainer.log_dir`` for a CSV or TensorBoard logger, ``<save_dir>/<name>/<version>`` for other loggers,
+    ``trainer.default_root_dir`` without a logger. See the module docstring for the fields. ``lightning-kd`` adds
+    one to every run unless the config brings its own; :mod:`lightning_kd.reproduce` brings its own to name the
+    run's labels.
 
     Labels not given are read from the run: ``pair`` is ``"<teacher>-<student>"`` with the networks' names when
     the module was given them by name (``hparams["student"]``), their class names otherwise, and the network's
@@ -162,6 +163,8 @@ class RunRecord(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the folder is resolved here, where every rank runs the hook: trainer.log_dir broadcasts from rank 0
         self.path = run_dir(trainer) / self.filename
+        if stage == "fit":  # a new fit (a validate/test after a fit in this process adds to the fit's record)
+            self.record = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

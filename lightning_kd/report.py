@@ -306,7 +306,7 @@ def format_markdown(report: Report) -> str:
         lines.append("None.")
     if report.superseded:
         lines += ["", "## Repeated runs (the newest record of each seed is used)", ""]
-        lines += [f"- `{run.path}` ({run.benchmark} {run.pair} {run.method} seed {run.seed})" for run in report.superseded]
+        lines += [f"- `{r.path}` ({r.benchmark} {r.pair} {r.method} seed {r.seed})" for r in report.superseded]
     if report.evaluated:
         lines += ["", "## Records of validate/test commands without a fit", ""]
         for run in report.evaluated:
@@ -325,9 +325,9 @@ def format_markdown(report: Report) -> str:
         lines += ["", "## Published numbers", ""]
         for source, metrics in sources.items():
             lines.append(f"- {source}; epoch reported: {', '.join(sorted(metrics))}")
-        lines.append("- \"unclear\": METHODS.md calls the CRD benchmark's numbers last-epoch accuracies, METHODS-MODERN.md "
-                     "section 10 best-epoch ones; compare with both.")  # fmt: skip
-        notes = {f"{row.published.label}: {row.published.note}" for row in report.rows if row.published and row.published.note}
+        lines.append("- \"unclear\": METHODS.md calls the CRD benchmark's numbers last-epoch accuracies, "
+                     "METHODS-MODERN.md section 10 best-epoch ones; compare with both.")  # fmt: skip
+        notes = {f"{r.published.label}: {r.published.note}" for r in report.rows if r.published and r.published.note}
         lines += [f"- {note}" for note in sorted(notes)]
     return "\n".join(lines) + "\n"
 

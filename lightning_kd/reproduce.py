@@ -534,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="restart unfinished runs from scratch")
     parser.add_argument("--python", default=sys.executable, help="the interpreter the runs use (default: this one)")
     slurm = parser.add_argument_group("SLURM (with --slurm)")
-    slurm.add_argument("--slurm-dir", help="where the script, task list and logs go (default: <outputs>/<benchmark>/slurm)")
+    slurm.add_argument("--slurm-dir", help="the folder of the script, task list and logs "
+                       "(default: <outputs>/<benchmark>/slurm)")  # fmt: skip
     slurm.add_argument("--gpus", type=int, default=1, help="GPUs per run (default: %(default)s)")
     slurm.add_argument("--cpus", type=int, default=8, help="CPU cores per process (default: %(default)s)")
     slurm.add_argument("--time", default="24:00:00", help="time limit of one run (default: %(default)s)")
