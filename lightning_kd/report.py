@@ -427,6 +427,7 @@ def plot(report: Report, path: Path) -> None:
         published = [row.published.top1 if row.published else math.nan for row in bars]
         axis.plot(published, y, "D", color="black", ms=3.5, label="published")
         values = [v for v in means + published + [v for v in last if v is not None] if not math.isnan(v)]
+        values += [s.mean + sign * s.std for s in best if s.std is not None for sign in (-1, 1)]
         styles = {"teacher": ("tab:green", "--"), "student": ("tab:red", ":")}
         for role, row in roles.items():
             mean = row.stats("best").mean
@@ -448,9 +449,11 @@ def plot(report: Report, path: Path) -> None:
     for axis in axes.flat[: len(panels)]:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
+    legend_columns = min(len(handles), 2 * columns + 1)
+    legend_height = 0.25 * math.ceil(len(handles) / max(1, legend_columns)) + 0.15  # inches
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=legend_columns, fontsize=8,
                frameon=False)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.04 if lines_of_panels > 1 else 0.08, 1, 1))
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
