@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.functional import safe_normalize
+from lightning_kd.functional import as_float, safe_normalize
 
 
 class LinearEmbed(nn.Module):
@@ -23,7 +23,7 @@ class LinearEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.linear(x.reshape(x.shape[0], -1))
-        return safe_normalize(out.float(), dim=1) if self.normalize else out
+        return safe_normalize(as_float(out), dim=1) if self.normalize else out
 
 
 # -- seed methods (VID regressor, AB connector, FT paraphraser and translator) --
@@ -61,7 +61,7 @@ class VIDRegressor(nn.Module):
 
     def variance(self) -> Tensor:
         """``(C_t,)`` per-channel variance, fp32."""
-        return torch.nn.functional.softplus(self.alpha.float()) + self.eps
+        return torch.nn.functional.softplus(as_float(self.alpha)) + self.eps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.regressor(x)

@@ -79,7 +79,7 @@ def import_class(path: str) -> type:
 def instantiate(spec: Any, base: type[T], what: str = "object") -> T:
     """``spec`` itself when it is a ``base`` instance, else build it from ``{"class_path", "init_args"}`` (nested
     specs in the arguments are built too)."""
-    if isinstance(spec, base):
+    if isinstance(spec, base) and not (isinstance(spec, Mapping) and "class_path" in spec):
         return spec
     if not isinstance(spec, Mapping) or "class_path" not in spec:
         raise TypeError(

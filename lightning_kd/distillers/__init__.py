@@ -33,4 +33,8 @@ from lightning_kd.distillers.mlkd import MLKD
 from lightning_kd.distillers.ofd import OFD
 from lightning_kd.distillers.reviewkd import ReviewKD
 
+# -- the table of every method --
+from lightning_kd.distillers.registry import MethodEntry, get_distiller, list_distillers  # noqa: E402
+
 __all__ = [name for name in dir() if not name.startswith("_") and name[0].isupper()]
+__all__ += ["get_distiller", "list_distillers"]

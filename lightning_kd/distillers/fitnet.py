@@ -61,14 +61,17 @@ class FitNet(Distiller):
     def stage_loss(self, student_features: list[Tensor], teacher_features: list[Tensor], batch: Batch) -> Tensor:
         return self.forward(student_features, teacher_features, batch)
 
-    def stage_parameters(self, student: nn.Module) -> Iterator[nn.Parameter]:
-        """The regressor and the student's modules up to (and including) the hint layer, never the classifier."""
-        yield from (p for p in self.parameters() if p.requires_grad)
+    def stage_student_parameters(self, student: nn.Module) -> list[nn.Parameter] | None:
+        """The student's modules up to (and including) the hint layer, never the classifier (FitNet's hint
+        stage); the regressor is this distiller's own (:meth:`stage_parameters`)."""
+        return list(self._up_to_hint(student))
+
+    def _up_to_hint(self, student: nn.Module) -> Iterator[nn.Parameter]:
         path, capture_input = resolve_tap(student, self.student_layers[0])
-        if not path:  # the logits: every layer feeds them
-            yield from super().stage_parameters(student)
-            return
         skip = {id(p) for p in classifier_of(student).parameters()}
+        if not path:  # the logits: every layer but the classifier feeds them
+            yield from (p for p in student.parameters() if id(p) not in skip)
+            return
         modules = list(student.named_modules())
         position = [name for name, _ in modules].index(path)
         chosen = modules[:position]
