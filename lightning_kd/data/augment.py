@@ -216,7 +216,9 @@ def as_sample(item: Any) -> dict[str, Any]:
         sample = {"image": item[0], "label": item[1]}
     else:
         raise TypeError(f"expected an (image, label) pair or a dictionary from the dataset, got {type(item).__name__}")
-    sample["label"] = torch.as_tensor(sample["label"], dtype=torch.long)
+    label = sample["label"]
+    if not (isinstance(label, Tensor) and label.dtype == torch.long):
+        sample["label"] = torch.as_tensor(label, dtype=torch.long)
     return sample
 
 

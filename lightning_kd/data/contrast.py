@@ -170,6 +170,7 @@ class ContrastiveDataset(WrappedDataset):
             raise ValueError(f"got {labels.numel()} labels for a dataset of {size} samples")
         self.sampler = NegativeSampler(labels, num_negatives, replacement=replacement)
         self.seed, self.epoch = int(seed), 0
+        self._generator: torch.Generator | None = None  # one per process, re-seeded for every sample
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -177,8 +178,15 @@ class ContrastiveDataset(WrappedDataset):
 
     def negatives(self, index: int, epoch: int, seed: int) -> Tensor:
         """The ``(K,)`` negatives of sample ``index`` in ``epoch``: a pure function of the three and the labels."""
-        generator = torch.Generator().manual_seed(sample_key(seed, epoch, index, STREAM_NEGATIVES))
-        return self.sampler.sample(self.sampler.labels[index], generator)
+        if self._generator is None:
+            self._generator = torch.Generator()
+        self._generator.manual_seed(sample_key(seed, epoch, index, STREAM_NEGATIVES))
+        return self.sampler.sample(self.sampler.labels[index], self._generator)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_generator"] = None  # each worker makes its own
+        return state
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, epoch, seed = split_key(key, self.epoch, self.seed)

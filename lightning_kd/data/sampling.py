@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
@@ -27,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_kd.data.seeding import STREAM_ORDER, sample_key
 
 _STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class WrappedDataset(Dataset):
@@ -168,7 +171,8 @@ class _CountingIterator:
 class ResumableDataLoader(DataLoader):
     """The training DataLoader of the library's data modules: Lightning saves and restores its position.
 
-    Its sampler must be a :class:`ResumableRandomSampler`. ``state_dict()`` records the epoch of the current
+    Its sampler is a :class:`ResumableRandomSampler` (with another one, e.g. the sequential sampler that
+    Lightning puts in for ``overfit_batches``, it iterates normally and a restore cannot skip). ``state_dict()`` records the epoch of the current
     pass, the batches it has yielded (counted in the main process as they are handed out, so prefetching
     workers do not count), whether the pass is complete and the seed. ``load_state_dict()`` sets the
     sampler's seed and epoch and makes the next pass skip the batches already yielded, or start the next epoch
@@ -185,18 +189,13 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, *args: Any, epoch_length: Callable[[], float] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        if not isinstance(self.sampler, ResumableRandomSampler):
-            raise TypeError(
-                f"ResumableDataLoader needs a ResumableRandomSampler as its sampler, got {type(self.sampler).__name__}"
-            )
         self.epoch_length = epoch_length
         self._batches_yielded = 0
-        self._pass_epoch = self.sampler.epoch
+        self._pass_epoch = int(getattr(self.sampler, "epoch", 0))
         self._resume_batches = 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        sampler: ResumableRandomSampler = self.sampler  # type: ignore[assignment]
-        self._pass_epoch = sampler.epoch
+        self._pass_epoch = int(getattr(self.sampler, "epoch", 0))
         self._batches_yielded, self._resume_batches = self._resume_batches, 0
         return _CountingIterator(self, super().__iter__())
 
@@ -210,14 +209,13 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batches", "complete", "seed", "samples_per_batch", "version"}`` of the current pass."""
-        sampler: ResumableRandomSampler = self.sampler  # type: ignore[assignment]
         return {
             "version": _STATE_VERSION,
             "epoch": self._pass_epoch,
             "batches": self._batches_yielded,
             "complete": self._batches_yielded >= self._complete_length(),
-            "seed": sampler.seed,
-            "samples_per_batch": (self.batch_size or 1) * sampler.num_replicas,
+            "seed": getattr(self.sampler, "seed", None),
+            "samples_per_batch": (self.batch_size or 1) * int(getattr(self.sampler, "num_replicas", 1)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,11 +224,17 @@ class ResumableDataLoader(DataLoader):
         missing = {"epoch", "batches", "complete", "seed", "samples_per_batch"} - set(state)
         if missing:
             raise KeyError(f"a training loader state needs {sorted(missing)}; found keys {sorted(state)}")
-        sampler: ResumableRandomSampler = self.sampler  # type: ignore[assignment]
+        sampler = self.sampler
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if state["complete"]:
             epoch, batches = epoch + 1, 0
-        sampler.seed = int(state["seed"])
+        if not isinstance(sampler, ResumableRandomSampler):
+            if batches:
+                log.warning("The training loader's sampler (%s) cannot start part-way: the epoch restarts.",
+                            type(sampler).__name__)
+            return
+        if state["seed"] is not None:
+            sampler.seed = int(state["seed"])
         sampler.set_epoch(epoch)
         sampler.start_at(batches * int(state["samples_per_batch"]))
         self._pass_epoch = epoch
