@@ -60,7 +60,8 @@ def test_digits_test_and_predict_loaders_use_the_test_split() -> None:
     _, val_idx, test_idx = dm.split_indices(labels)
     test_labels = torch.cat([b["label"] for b in dm.test_dataloader()])
     predict = list(dm.predict_dataloader())
-    assert torch.equal(test_labels, labels[test_idx]) and torch.equal(torch.cat([b["label"] for b in predict]), test_labels)
+    assert torch.equal(test_labels, labels[test_idx])
+    assert torch.equal(torch.cat([b["label"] for b in predict]), test_labels)
     assert set(predict[0]) == {"image", "label"}
     val_images = torch.cat([b["image"] for b in dm.val_dataloader()])
     test_images = torch.cat([b["image"] for b in predict])

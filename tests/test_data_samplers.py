@@ -36,7 +36,8 @@ def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is never used
 
 
-@pytest.mark.parametrize(("size", "replicas", "drop_last"), [(50, 3, True), (50, 3, False), (48, 4, True), (7, 2, False)])
+@pytest.mark.parametrize(("size", "replicas", "drop_last"),
+                         [(50, 3, True), (50, 3, False), (48, 4, True), (7, 2, False)])
 def test_training_shards_are_slices_of_one_permutation(size: int, replicas: int, drop_last: bool) -> None:
     data = list(range(size))
     shards = []
@@ -106,7 +107,7 @@ def test_data_module_shards_under_a_fake_trainer(drop_last: bool) -> None:
         assert (loader.sampler.num_replicas, loader.sampler.rank, loader.drop_last) == (world, rank, drop_last)
         lengths.add(len(loader))
         train_seen += [i for batch in loader for i in batch["index"].tolist()]
-        val_seen += [tuple(b["image"][k].flatten()[:20].tolist()) for b in dm.val_dataloader() for k in range(len(b["label"]))]
+        val_seen += [tuple(image.flatten()[:20].tolist()) for b in dm.val_dataloader() for image in b["image"]]
         test_seen += [len(b["label"]) for b in dm.test_dataloader()]
         assert isinstance(dm.val_dataloader().sampler, UnpaddedDistributedSampler)
     n = dm.num_samples
@@ -267,7 +268,7 @@ def test_two_processes_share_one_order_and_see_each_validation_sample_once(tmp_p
     shares = [len(range(r, n, 2)) for r in range(2)]
     assert [len(r["val"]) for r in ranks] == [2 * shares[0], 2 * shares[1]]
     for k in range(2):
-        run = ranks[0]["val"][k * shares[0] : (k + 1) * shares[0]] + ranks[1]["val"][k * shares[1] : (k + 1) * shares[1]]
+        run = [i for r in range(2) for i in ranks[r]["val"][k * shares[r] : (k + 1) * shares[r]]]
         assert sorted(run) == list(range(n))
 
 

@@ -168,7 +168,8 @@ def test_operation_table_matches_the_reference_ranges() -> None:
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     ops = {name: op for name, op, _, _ in MLKD_OPERATIONS}
     # each operation against PIL called directly with the same magnitude
-    assert np.array_equal(np.asarray(ops["Brightness"](img, 0.3)), np.asarray(ImageEnhance.Brightness(img).enhance(0.3)))
+    brighter = ImageEnhance.Brightness(img).enhance(0.3)
+    assert np.array_equal(np.asarray(ops["Brightness"](img, 0.3)), np.asarray(brighter))
     assert np.array_equal(np.asarray(ops["Posterize"](img, 5.7)), np.asarray(ImageOps.posterize(img, 5)))
     assert np.array_equal(np.asarray(ops["Solarize"](img, 100.5)), np.asarray(ImageOps.solarize(img, 100.5)))
     assert np.array_equal(np.asarray(ops["Identity"](img, 0.5)), np.asarray(img))
@@ -353,7 +354,8 @@ def test_image_folder_views_identical_with_any_worker_count(tmp_path: Path) -> N
         for name in ("a", "b"):
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(5):
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / name / f"{i}.png")
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
 
     def epoch_images(workers: int) -> dict[int, torch.Tensor]:
         dm = ImageFolderDataModule(tmp_path / "train", tmp_path / "val", image_size=16, batch_size=5,

@@ -200,10 +200,11 @@ class ClassificationDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
         world_size, rank = self._replicas()
-        sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None  # type: ignore[arg-type]
-        return DataLoader(dataset, sampler=sampler, drop_last=False,
-                          generator=torch.Generator().manual_seed(sample_key(self.resolved_seed(), 0, 1, STREAM_LOADER)),
-                          **self._loader_options())
+        sampler = None
+        if world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, world_size, rank)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(sample_key(self.resolved_seed(), 0, 1, STREAM_LOADER))
+        return DataLoader(dataset, sampler=sampler, drop_last=False, generator=generator, **self._loader_options())
 
     def train_dataloader(self) -> DataLoader:
         """The training loader: a :class:`ResumableDataLoader` over this rank's share of a seeded order."""
@@ -212,11 +213,12 @@ class ClassificationDataModule(L.LightningDataModule):
         world_size, rank = self._replicas()
         seed = self._shared_seed()
         dataset = self.train_set
-        sampler = ResumableRandomSampler(dataset, seed=seed, num_replicas=world_size, rank=rank,  # type: ignore[arg-type]
-                                         drop_last=self.drop_last, keys=True)
+        size = len(dataset)  # type: ignore[arg-type]
+        sampler = ResumableRandomSampler(dataset, seed=seed, num_replicas=world_size,  # type: ignore[arg-type]
+                                         rank=rank, drop_last=self.drop_last, keys=True)
         if num_batches(len(sampler), self.batch_size, self.drop_last) == 0:
             raise ValueError(
-                f"the training set has {len(dataset)} samples ({len(sampler)} per process over {world_size}), "  # type: ignore[arg-type]
+                f"the training set has {size} samples ({len(sampler)} per process over {world_size}), "
                 f"fewer than batch_size={self.batch_size}: with drop_last=True no batch is formed; lower "
                 "batch_size or set drop_last=False"
             )

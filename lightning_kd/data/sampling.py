@@ -84,8 +84,8 @@ class ResumableRandomSampler(DistributedSampler):
                  drop_last: bool = False, keys: bool = False) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas} and {rank}")
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed),  # type: ignore[arg-type]
-                         drop_last=drop_last)
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
+                         shuffle=True, seed=int(seed), drop_last=drop_last)
         self.data_source = data_source
         self.keys = keys
         self._start = 0
@@ -172,12 +172,13 @@ class ResumableDataLoader(DataLoader):
     """The training DataLoader of the library's data modules: Lightning saves and restores its position.
 
     Its sampler is a :class:`ResumableRandomSampler` (with another one, e.g. the sequential sampler that
-    Lightning puts in for ``overfit_batches``, it iterates normally and a restore cannot skip). ``state_dict()`` records the epoch of the current
-    pass, the batches it has yielded (counted in the main process as they are handed out, so prefetching
-    workers do not count), whether the pass is complete and the seed. ``load_state_dict()`` sets the
-    sampler's seed and epoch and makes the next pass skip the batches already yielded, or start the next epoch
-    when the pass was complete. Lightning calls ``load_state_dict`` before it creates the iterator of the
-    resumed epoch (``FitLoop.setup_data``) and ``set_epoch`` only after, so the epoch must come from here.
+    Lightning puts in for ``overfit_batches``, it iterates normally and a restore cannot skip).
+    ``state_dict()`` records the epoch of the current pass, the batches it has yielded (counted in the main
+    process as they are handed out, so prefetching workers do not count), whether the pass is complete and the
+    seed. ``load_state_dict()`` sets the sampler's seed and epoch and makes the next pass skip the batches
+    already yielded, or start the next epoch when the pass was complete. Lightning calls ``load_state_dict``
+    before it creates the iterator of the resumed epoch (``FitLoop.setup_data``) and ``set_epoch`` only after,
+    so the epoch must come from here.
 
     Args:
         dataset, **kwargs: as ``DataLoader`` (``sampler`` a :class:`ResumableRandomSampler`).
