@@ -111,7 +111,7 @@ def test_losses_are_fp32_from_bf16_features(name: str, monkeypatch: pytest.Monke
     data.setup("fit")
     batch = as_batch(next(iter(data.train_dataloader())))
     distiller = module.distillers[0]
-    check = getattr(distiller, "check_datamodule", None)
+    check = getattr(distiller, "setup_data", None)
     if check is not None:
         check(data)  # CRD sizes its memory banks here (the module's setup does it in a fit)
 

@@ -41,7 +41,7 @@ class CRD(Distiller):
 
     Everything is fp32 whatever the autocast (the scores overflow fp16). The bank size N must be known
     before the optimizer and the checkpoint exist: pass ``num_data``, or let the
-    :class:`~lightning_kd.DistillationModule` call :meth:`check_datamodule` in its ``setup``, which reads
+    :class:`~lightning_kd.DistillationModule` call :meth:`setup_data` in its ``setup``, which reads
     ``datamodule.num_samples`` (and refuses a data module without contrastive sampling).
 
     With ``negatives="batch"`` there is no bank, no ``Z`` and no index from the data: the other samples of
@@ -96,12 +96,13 @@ class CRD(Distiller):
         self._requested_num_data = num_data
         self.embed_student: LinearEmbed | None = None
         self.embed_teacher: LinearEmbed | None = None
-        # empty until N is known (build() with num_data, or check_datamodule()); resized on checkpoint load
+        # empty until N is known (build() with num_data, or setup_data()); resized on checkpoint load
         self.register_buffer("memory_student", torch.empty(0, self.feat_dim))
         self.register_buffer("memory_teacher", torch.empty(0, self.feat_dim))
         #: Z of (student anchor vs teacher bank, teacher anchor vs student bank); negative = not estimated
         self.register_buffer("normalizer", torch.full((2,), -1.0))
         self._normalizer_known = False
+        self._undo: list | None = None  # bank rows overwritten in a step that may be skipped
 
     # --- set-up -------------------------------------------------------------------------------------------
     def build(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
@@ -126,7 +127,7 @@ class CRD(Distiller):
         self.normalizer = torch.full((2,), -1.0, device=device)
         self._normalizer_known = False
 
-    def check_datamodule(self, datamodule: Any) -> None:
+    def setup_data(self, datamodule: Any) -> None:
         """Check that the data provides CRD's indices and size the banks to the training set.
 
         Called by :meth:`DistillationModule.setup` (before checkpoint loading and DDP wrapping).
@@ -221,8 +222,25 @@ class CRD(Distiller):
         position = torch.arange(index.numel(), device=index.device)
         last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, position, reduce="amax")
         for bank, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
-            rows = momentum_update(bank.index_select(0, unique), v[last], self.momentum)
+            old = bank.index_select(0, unique)
+            if self._undo is not None:
+                self._undo.append((bank, unique, old))
+            rows = momentum_update(old, v[last], self.momentum)
             bank.index_copy_(0, unique, rows.to(bank.dtype))
+
+    # --- a skipped batch leaves the banks as they were --------------------------------------------------------
+    def snapshot_state(self) -> dict[str, Any]:
+        """Start an undo log of the bank rows the next forward overwrites (not a copy of the N x 128 banks)."""
+        self._undo = []
+        return {"normalizer": self.normalizer.detach().clone(), "known": self._normalizer_known}
+
+    @torch.no_grad()
+    def restore_state(self, snapshot: dict[str, Any]) -> None:
+        for bank, rows, old in reversed(self._undo or []):
+            bank.index_copy_(0, rows, old)
+        self.normalizer.copy_(snapshot["normalizer"])
+        self._normalizer_known = snapshot["known"]
+        self._undo = None
 
     def extra_repr(self) -> str:
         return (
