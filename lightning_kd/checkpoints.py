@@ -6,6 +6,7 @@ being unpickled; a truncated or corrupt file is an error that says so.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -143,3 +144,14 @@ def load_into(model: nn.Module, path: str | os.PathLike, what: str = "model") ->
             lines.append(f"  shape mismatches: {'; '.join(mismatched[:10])}")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+
+
+def fingerprint(network: nn.Module) -> str:
+    """sha256 over a network's state dict (sorted names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(network.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from lightning_kd.checkpoints import CheckpointError, is_lightning_checkpoint, load_weights_file
-from lightning_kd.hparams import import_class, instantiate
-from lightning_kd.models import create_model, list_models
+from lightning_kd.models import build_network
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +27,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------------------
-def build_network(spec: Any, num_classes: int) -> nn.Module:
-    """A network from a bundled model's name, a dotted class or function path (``torchvision.models.resnet18``),
-    or a ``{"class_path": ..., "init_args": ...}`` config."""
-    if isinstance(spec, dict):
-        return instantiate(spec, nn.Module, "network")
-    if not isinstance(spec, str):
-        raise ValueError(f"cannot build a network from {spec!r}: give a bundled model's name or a class path")
-    if spec in list_models():
-        return create_model(spec, num_classes=num_classes)
-    if "." in spec:
-        factory = import_class(spec)
-        try:
-            return factory(num_classes=num_classes)
-        except TypeError:
-            return factory()
-    raise ValueError(f"unknown network {spec!r}: a bundled model ({', '.join(list_models())}) or a dotted path")
-
-
 def student_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The student of a distillation (or teacher) checkpoint, rebuilt from its saved hyperparameters and loaded
     with its weights; the teacher and the distillers are not needed."""

@@ -28,9 +28,7 @@ tap on that view as ``"<tap>@<view>"`` (``"logits@strong"``), and each network r
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,49 +39,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.checkpoints import load_into
-from lightning_kd.distillers.base import Batch, Distiller, classifier_of
+from lightning_kd.batch import IMAGE, VIEW_SEPARATOR, Batch, as_batch, split_view
+from lightning_kd.checkpoints import fingerprint, load_into
+from lightning_kd.distillers.base import (
+    Distiller,
+    check_weight,
+    classifier_of,
+    make_names_unique,
+    resolve_layers,
+)
 from lightning_kd.hparams import instantiate
-from lightning_kd.models import create_model, feature_module_paths
-from lightning_kd.stages import MAIN, Stage, enter_stage, plan_stages, stage_at
-from lightning_kd.taps import LOGITS, FeatureTaps, expand_taps
+from lightning_kd.models import build_network, feature_module_paths
+from lightning_kd.stages import Stage, enter_stage, plan_stages, stage_at
+from lightning_kd.taps import LOGITS, FeatureTaps
 
 log = logging.getLogger(__name__)
-
-#: batch key of the default view; a view ``v`` is read from ``batch["image_" + v]``
-IMAGE = "image"
-VIEW_SEPARATOR = "@"
-
-
-def as_batch(batch: Any) -> Batch:
-    """Accept the library's dictionary batches and plain ``(images, labels, ...)`` tuples alike."""
-    if isinstance(batch, Mapping):
-        if IMAGE not in batch or "label" not in batch:
-            raise KeyError(f"a batch dictionary needs 'image' and 'label' keys, found {sorted(batch)}")
-        return dict(batch)
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        named = {IMAGE: batch[0], "label": batch[1]}
-        if len(batch) > 2:
-            named["index"] = batch[2]
-        if len(batch) > 3:
-            named["contrast_index"] = batch[3]
-        return named
-    raise TypeError(f"expected a batch dictionary or an (images, labels, ...) tuple, found {type(batch).__name__}")
-
-
-def split_view(tap: str) -> tuple[str, str | None]:
-    """``"logits@strong"`` -> ``("logits", "strong")``; a tap without a view -> ``(tap, None)``."""
-    base, _, view = tap.partition(VIEW_SEPARATOR)
-    return base, (view or None)
-
-
-def check_weight(value: float, name: str) -> float:
-    """A loss weight: finite and >= 0 (0 turns the term off); raises naming ``name`` otherwise."""
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off), got {value}")
-    return value
-
 
 @dataclass
 class LossTerms:
@@ -142,8 +112,8 @@ class Distillation(nn.Module):
         stage_lr: float | None = None,
     ) -> None:
         super().__init__()
-        self.student = _network(student, num_classes, student_feature_paths, "student")
-        self.teacher = _network(teacher, num_classes, teacher_feature_paths, "teacher") if teacher is not None else None
+        self.student = build_network(student, num_classes, student_feature_paths, "student")
+        self.teacher = build_network(teacher, num_classes, teacher_feature_paths, "teacher") if teacher is not None else None
         distillers = [instantiate(d, Distiller, "distiller") for d in distillers]
         if distillers and self.teacher is None and any(d.needs_teacher for d in distillers):
             raise ValueError(
@@ -156,7 +126,7 @@ class Distillation(nn.Module):
             raise ValueError(f"teacher_precision must be 'same', 'bf16' or 'fp16', got {teacher_precision!r}")
         if stage_lr is not None and not stage_lr > 0:
             raise ValueError(f"stage_lr must be positive (or None for the optimizer's), got {stage_lr}")
-        _make_names_unique(distillers)
+        make_names_unique(distillers)
         self.distillers = nn.ModuleList(distillers)
         self.task_loss_weight = check_weight(task_loss_weight, "task_loss_weight")
         self.input_size = tuple(int(v) for v in input_size)
@@ -175,7 +145,7 @@ class Distillation(nn.Module):
         self.teacher_bn_train = any(getattr(d, "teacher_bn_mode", "eval") == "train" for d in distillers)
 
         for distiller in distillers:
-            _resolve_layers(distiller, self.student, self.teacher)
+            resolve_layers(distiller, self.student, self.teacher)
         other_views = {split_view(t)[1] for d in distillers for t in d.student_layers + d.teacher_layers}
         self.views = [IMAGE] + sorted(v for v in other_views if v and v != IMAGE)
         self.student_taps = FeatureTaps(self.student, [split_view(t)[0] for d in distillers for t in d.student_layers])
@@ -459,17 +429,6 @@ class _Revert:
             distiller.restore_state(state)
 
 
-def fingerprint(network: nn.Module) -> str:
-    """sha256 over a network's state dict (sorted names, shapes, dtypes and bytes)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(network.state_dict().items()):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 @contextmanager
 def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
     modes = [(m, m.training) for m in modules if m is not None]
@@ -482,65 +441,9 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
             module.train(mode)
 
 
-def _network(spec: str | nn.Module, num_classes: int, paths: Mapping[str, str] | None, who: str) -> nn.Module:
-    if spec is None and who == "student":
-        raise ValueError(
-            "the student is None: name a bundled model or pass a network (a network given as a module is not part "
-            "of a checkpoint's hyperparameters: pass student=... to load_from_checkpoint again)"
-        )
-    if isinstance(spec, str):
-        network = create_model(spec, num_classes=num_classes)
-    elif isinstance(spec, nn.Module):
-        network = spec
-    else:
-        raise TypeError(f"the {who} must be an nn.Module or a bundled model's name, got {type(spec).__name__}")
-    if paths:
-        network.feature_paths = {**(getattr(network, "feature_paths", None) or {}), **dict(paths)}
-    return network
-
-
 def _num_outputs(logits: Tensor, who: str) -> int:
     if logits.dim() != 2:
         raise ValueError(f"the {who} must return (batch, classes) logits, returned shape {tuple(logits.shape)}")
     return int(logits.shape[1])
 
 
-def _resolve_layers(distiller: Distiller, student: nn.Module, teacher: nn.Module | None) -> None:
-    """Expand tap groups on each side (keeping any ``@view``) and check that paired methods read as many layers
-    on both."""
-
-    def expand(network: nn.Module, taps: list[str]) -> list[str]:
-        out = []
-        for tap in taps:
-            base, view = split_view(tap)
-            suffix = VIEW_SEPARATOR + view if view else ""
-            out += [name + suffix for name in expand_taps(network, [base])]
-        return out
-
-    distiller.student_layers = expand(student, distiller.student_layers)
-    if not distiller.student_layers:
-        raise ValueError(f"{distiller.name} reads no student layer: give student_layers at least one tap name")
-    if teacher is None:
-        return
-    distiller.teacher_layers = expand(teacher, distiller.teacher_layers)
-    if distiller.paired_layers and len(distiller.student_layers) != len(distiller.teacher_layers):
-        raise ValueError(
-            f"{distiller.name} compares layers pairwise but reads {len(distiller.student_layers)} student layers "
-            f"{distiller.student_layers} and {len(distiller.teacher_layers)} teacher layers "
-            f"{distiller.teacher_layers}: pass student_layers and teacher_layers of the same length"
-        )
-
-
-RESERVED_NAMES = {"ce", "loss", "total", MAIN}
-
-
-def _make_names_unique(distillers: list[Distiller]) -> None:
-    seen: dict[str, int] = {}
-    for distiller in distillers:
-        count = seen.get(distiller.name, 0)
-        seen[distiller.name] = count + 1
-        if count:
-            distiller.name = f"{distiller.name}_{count + 1}"
-    clash = [d.name for d in distillers if d.name in RESERVED_NAMES]
-    if clash:
-        raise ValueError(f"distiller names {clash} clash with the module's own log names {sorted(RESERVED_NAMES)}")

@@ -173,6 +173,10 @@ class DistillationModule(L.LightningModule):
     def task_loss_weight(self) -> float:
         return self.core.task_loss_weight
 
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return self.core.input_size
+
     def forward(self, images: Tensor) -> Tensor:
         """The student's logits (what an exported student computes)."""
         return self.core(images)

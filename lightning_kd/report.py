@@ -445,7 +445,7 @@ def plot(report: Report, path: Path) -> None:
         axis.set_xlabel("top-1 (%)", fontsize=8)
         axis.tick_params(axis="x", labelsize=8)
         axis.grid(axis="x", alpha=0.3)
-    handles, labels = {}, {}
+    handles = {}
     for axis in axes.flat[: len(panels)]:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from conftest import ROOT
+from lightning_kd.demo import digits_config_args
 
 RECORDER = '''
 import json
 import os
 
 import torch
-from lightning_kd.demo import digits_config_args
 from lightning.pytorch.callbacks import Callback
 
 

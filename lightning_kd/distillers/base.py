@@ -19,15 +19,16 @@ Methods with an initialisation stage (AB, FT, FSP) set ``stage_epochs > 0`` and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-import math
-
 from torch import Tensor, nn
 
+from lightning_kd.batch import VIEW_SEPARATOR, split_view
 from lightning_kd.distributed import gather_with_grad
 from lightning_kd.hparams import RemembersInit
+from lightning_kd.taps import expand_taps
 
 Batch = dict[str, Any]
 
@@ -80,10 +81,7 @@ class Distiller(RemembersInit, nn.Module):
     ) -> None:
         super().__init__()
         name = name or type(self).__name__.lower()
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{name}: weight must be a finite number >= 0 (0 turns the method off), got {weight}")
-        self.weight = weight
+        self.weight = check_weight(weight, f"{name}: weight")
         self.student_layers = list(student_layers if student_layers is not None else self.default_student_layers)
         teacher_default = self.default_teacher_layers if self.default_teacher_layers is not None else self.student_layers
         self.teacher_layers = list(teacher_layers if teacher_layers is not None else teacher_default)
@@ -224,3 +222,53 @@ def classifier_of(model: nn.Module) -> nn.Module:
         f"cannot find the classifier of {type(model).__name__}: give the model a feature_paths['classifier'] "
         "entry naming its final layer"
     )
+
+
+def check_weight(value: float, name: str) -> float:
+    """A loss weight: finite and >= 0 (0 turns the term off); raises naming ``name`` otherwise."""
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off), got {value}")
+    return value
+
+
+def resolve_layers(distiller: Distiller, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Expand tap groups on each side (keeping any ``@view``) and check that paired methods read as many layers
+    on both."""
+
+    def expand(network: nn.Module, taps: list[str]) -> list[str]:
+        out = []
+        for tap in taps:
+            base, view = split_view(tap)
+            suffix = VIEW_SEPARATOR + view if view else ""
+            out += [name + suffix for name in expand_taps(network, [base])]
+        return out
+
+    distiller.student_layers = expand(student, distiller.student_layers)
+    if not distiller.student_layers:
+        raise ValueError(f"{distiller.name} reads no student layer: give student_layers at least one tap name")
+    if teacher is None:
+        return
+    distiller.teacher_layers = expand(teacher, distiller.teacher_layers)
+    if distiller.paired_layers and len(distiller.student_layers) != len(distiller.teacher_layers):
+        raise ValueError(
+            f"{distiller.name} compares layers pairwise but reads {len(distiller.student_layers)} student layers "
+            f"{distiller.student_layers} and {len(distiller.teacher_layers)} teacher layers "
+            f"{distiller.teacher_layers}: pass student_layers and teacher_layers of the same length"
+        )
+
+
+RESERVED_NAMES = {"ce", "loss", "total", "main"}
+
+
+def make_names_unique(distillers: list[Distiller]) -> None:
+    """Give repeated names a suffix (``kd``, ``kd_2``) and refuse names the module logs itself."""
+    seen: dict[str, int] = {}
+    for distiller in distillers:
+        count = seen.get(distiller.name, 0)
+        seen[distiller.name] = count + 1
+        if count:
+            distiller.name = f"{distiller.name}_{count + 1}"
+    clash = [d.name for d in distillers if d.name in RESERVED_NAMES]
+    if clash:
+        raise ValueError(f"distiller names {clash} clash with the module's own log names {sorted(RESERVED_NAMES)}")

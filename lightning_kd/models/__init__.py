@@ -11,6 +11,6 @@ from lightning_kd.models import (  # noqa: F401
     vgg,
     wrn,
 )
-from lightning_kd.models.registry import create_model, feature_module_paths, list_models, register_model
+from lightning_kd.models.registry import build_network, create_model, feature_module_paths, list_models, register_model
 
-__all__ = ["create_model", "feature_module_paths", "list_models", "register_model"]
+__all__ = ["build_network", "create_model", "feature_module_paths", "list_models", "register_model"]

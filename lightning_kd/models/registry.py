@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from typing import Literal
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from torch import nn
 
@@ -84,3 +85,37 @@ def create_model(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def build_network(
+    spec: Any, num_classes: int = 100, feature_paths: Mapping[str, str] | None = None, who: str = "network"
+) -> nn.Module:
+    """A network from a bundled model's name, a dotted class or function path (``torchvision.models.resnet18``,
+    called with ``num_classes`` when it accepts it), a ``{"class_path": ..., "init_args": ...}`` config, or a module
+    (returned as it is). ``feature_paths`` (symbolic tap names, see :mod:`lightning_kd.taps`) are merged over the
+    network's own."""
+    from lightning_kd.hparams import import_class, instantiate
+
+    if spec is None:
+        raise ValueError(
+            f"the {who} is None: name a bundled model or pass a network (a network given as a module is not part of "
+            f"a checkpoint's hyperparameters: pass {who}=... to load_from_checkpoint again)"
+        )
+    if isinstance(spec, nn.Module):
+        network = spec
+    elif isinstance(spec, Mapping):
+        network = instantiate(spec, nn.Module, who)
+    elif isinstance(spec, str) and spec in _REGISTRY:
+        network = create_model(spec, num_classes=num_classes)
+    elif isinstance(spec, str) and "." in spec:
+        factory = import_class(spec)
+        accepts = "num_classes" in inspect.signature(factory).parameters
+        network = factory(num_classes=num_classes) if accepts else factory()
+    elif isinstance(spec, str):
+        create_model(spec)  # raises with the known names and close matches
+        raise AssertionError  # pragma: no cover
+    else:
+        raise TypeError(f"the {who} must be an nn.Module, a bundled model's name or a class path, got {type(spec).__name__}")
+    if feature_paths:
+        network.feature_paths = {**(getattr(network, "feature_paths", None) or {}), **dict(feature_paths)}
+    return network
