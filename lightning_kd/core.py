@@ -50,7 +50,7 @@ from lightning_kd.distillers.base import (
 )
 from lightning_kd.hparams import instantiate
 from lightning_kd.models import build_network, feature_module_paths
-from lightning_kd.stages import Stage, enter_stage, plan_stages, stage_at
+from lightning_kd.stages import Stage, active_stage, enter_stage, plan_stages, stage_at
 from lightning_kd.taps import LOGITS, FeatureTaps
 
 log = logging.getLogger(__name__)
@@ -268,19 +268,21 @@ class Distillation(nn.Module):
 
     def set_epoch(self, epoch: int, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> bool:
         """Tell the core which (0-based) epoch the fit is in: selects the stage, sets the distillers' epoch within
-        it, and on a change of stage re-applies the train/eval modes and, given the optimizer, starts the new
-        stage in it (:func:`~lightning_kd.stages.enter_stage`). Returns whether the stage changed."""
+        it and, on a change of stage, re-applies the train/eval modes. Given the optimizer (made from
+        :meth:`param_groups`), starts the stage in it unless it is there already
+        (:func:`~lightning_kd.stages.enter_stage`: a new stage gets a fresh optimizer state); ``scheduler`` is the
+        main stage's. Returns whether the stage changed."""
         stage = stage_at(self.stages, epoch)
         changed = stage is not self.stage
         if changed:
-            log.info("Epoch %d: stage %r begins (fresh optimizer state).", epoch, stage.name)
+            log.info("Epoch %d: stage %r begins.", epoch, stage.name)
             self.stage = stage
             for distiller in self.distillers:
                 distiller.on_stage(stage.name)
             self.train(self.training)
-            if optimizer is not None:
-                schedule = scheduler if stage.is_main else None  # initialisation stages run at a constant rate
-                enter_stage(optimizer, stage.name, self.stage_learning_rate(stage), schedule, fresh=True)
+        if optimizer is not None and active_stage(optimizer) != stage.name:
+            schedule = scheduler if stage.is_main else None  # initialisation stages run at a constant rate
+            enter_stage(optimizer, stage.name, self.stage_learning_rate(stage), schedule)
         for distiller in self.distillers:
             distiller.set_epoch(epoch - stage.start_epoch)
         return changed

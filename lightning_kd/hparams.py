@@ -99,3 +99,27 @@ def _build_nested(value: Any) -> Any:
     if isinstance(value, list):
         return [_build_nested(v) for v in value]
     return value
+
+
+def clean_module_hparams(hparams: dict[str, Any], distillers: list) -> None:
+    """Make a module's saved hyperparameters plain data that rebuilds it, in place.
+
+    LightningCLI hands over the parsed config (plain data already). Built in Python: a network given as a module
+    becomes None (pass it again to ``load_from_checkpoint``), distiller objects become ``{"class_path",
+    "init_args"}``, and optimizer or schedule factories, which are code, are left out (the defaults apply unless
+    they are passed again).
+    """
+    from torch import nn
+
+    for key in ("student", "teacher"):
+        if isinstance(hparams.get(key), nn.Module):
+            hparams[key] = None
+    given = hparams.get("distillers")
+    if given and not all(isinstance(d, Mapping) for d in given):
+        try:
+            hparams["distillers"] = [as_config(d, "distillers") for d in distillers]
+        except TypeError:
+            del hparams["distillers"]  # pass them to load_from_checkpoint
+    for key in ("optimizer", "lr_scheduler"):
+        if hparams.get(key) is not None and not isinstance(hparams[key], Mapping):
+            del hparams[key]

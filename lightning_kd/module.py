@@ -27,7 +27,8 @@ from lightning_kd import rng
 from lightning_kd.core import Distillation, as_batch
 from lightning_kd.distillers.base import Distiller
 from lightning_kd.finite import DeferredFiniteCheck, DivergenceGuard
-from lightning_kd.hparams import as_config
+from lightning_kd.hparams import clean_module_hparams
+from lightning_kd.loss_log import EpochMeans, is_logging_step
 from lightning_kd.stages import MAIN, active_lr, enter_stage, silence_idle_groups
 from lightning_kd.taps import LOGITS
 
@@ -102,7 +103,8 @@ class DistillationModule(L.LightningModule):
             student, teacher, distillers, task_loss_weight, teacher_checkpoint, student_checkpoint, num_classes,
             input_size, teacher_precision, student_feature_paths, teacher_feature_paths, stage_lr,
         )  # fmt: skip
-        self._save_hparams(core)
+        self.save_hyperparameters(logger=True)  # they rebuild the module (load_from_checkpoint) and reach the loggers
+        clean_module_hparams(self.hparams, list(core.distillers))
         # the core's parts are this module's children (checkpoint keys student.*, teacher.*, distillers.*); the
         # core itself is not registered a second time
         self.student, self.teacher, self.distillers = core.student, core.teacher, core.distillers
@@ -117,9 +119,7 @@ class DistillationModule(L.LightningModule):
         self.skipped_batches = 0
         self.finite_check = DeferredFiniteCheck()
         self.divergence = DivergenceGuard(divergence_factor)
-        self.epoch_sums: dict[str, Tensor] = {}
-        self.epoch_steps = 0
-        self.optimizer_stage = core.stage.name
+        self.epoch_means = EpochMeans()
 
         classes, top5 = core.num_classes, min(5, core.num_classes)
         for split in ("val", "test"):
@@ -128,30 +128,6 @@ class DistillationModule(L.LightningModule):
             setattr(self, f"{split}_loss", MeanMetric())
         self.teacher_acc1 = MulticlassAccuracy(classes, top_k=1, average="micro")
         self.teacher_measured = self.teacher is None
-
-    def _save_hparams(self, core: Distillation) -> None:
-        """Hyperparameters that rebuild this module (``load_from_checkpoint``) and reach every logger.
-
-        LightningCLI hands over the parsed config (plain data) and it is kept as is. Built in Python, networks
-        given by name are kept (a network given as a module is recorded as None: pass it again to
-        ``load_from_checkpoint``), distillers become ``{"class_path", "init_args"}`` and optimizer/schedule
-        factories, which are code, are left out (the defaults apply unless passed again).
-        """
-        self.save_hyperparameters(logger=True)
-        hparams = self.hparams
-        for key in ("student", "teacher"):
-            if isinstance(hparams.get(key), nn.Module):
-                hparams[key] = None
-        distillers = hparams.get("distillers")
-        if distillers and not all(isinstance(d, Mapping) for d in distillers):
-            try:
-                hparams["distillers"] = [as_config(d, "distillers") for d in core.distillers]
-            except TypeError as error:
-                log.info("Distillers not saved as hyperparameters (%s): pass them to load_from_checkpoint.", error)
-                del hparams["distillers"]
-        for key in ("optimizer", "lr_scheduler"):
-            if key in hparams and hparams[key] is not None and not isinstance(hparams[key], Mapping):
-                del hparams[key]
 
     # ------------------------------------------------------------------------------------------------------
     # what the core does, as module attributes
@@ -220,9 +196,8 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.core.param_groups())
         scheduler = self.lr_scheduler_factory(optimizer) if self.lr_scheduler_factory is not None else None
-        stage = self.core.stage
-        enter_stage(optimizer, stage.name, self.core.stage_learning_rate(stage), scheduler if stage.is_main else None,
-                    fresh=False)  # fmt: skip
+        stage = self.core.stage  # the first stage, or the one a restored checkpoint is in
+        enter_stage(optimizer, stage.name, self.core.stage_learning_rate(stage), scheduler if stage.is_main else None)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
@@ -243,15 +218,10 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Select the stage and the distillers' epoch; a new stage starts in the optimizer with a fresh state."""
-        stage_before = self.optimizer_stage
-        self.core.set_epoch(self.current_epoch)
-        if self.core.stage.name != stage_before:
+        scheduler = self.lr_schedulers()
+        scheduler = None if isinstance(scheduler, list) else scheduler
+        if self.core.set_epoch(self.current_epoch, self.trainer.optimizers[0], scheduler):
             self.divergence.new_stage()
-            scheduler = self.lr_schedulers()
-            schedule = scheduler if self.core.stage.is_main and not isinstance(scheduler, list) else None
-            for optimizer in self.trainer.optimizers:
-                enter_stage(optimizer, self.core.stage.name, self.core.stage_learning_rate(self.core.stage), schedule)
-            self.optimizer_stage = self.core.stage.name
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         batch = as_batch(batch)
@@ -277,55 +247,37 @@ class DistillationModule(L.LightningModule):
         components = {**terms.losses, "loss": loss} if len(terms.losses) > 1 else {**terms.losses}
         if self.nan_policy == "raise":
             self.finite_check.record(self.global_step, self.current_epoch, self.core.stage.name, components)
-        self._accumulate(components, loss)
-        if self._logging_step(batch_idx):
+        self.epoch_means.add({**components, "loss": loss})
+        metrics = self._distiller_metrics()
+        if metrics:  # e.g. CTKD's learnable temperature: its main diagnostic, logged every step
+            self.log_dict(metrics, batch_size=batch["label"].shape[0])
+        if is_logging_step(self.trainer, self.global_step, batch_idx):
             self.finite_check.check()  # the loggers synchronise here anyway
             size = batch["label"].shape[0]
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
             for name, value in terms.losses.items():
                 self.log(f"train/{name}", value.detach(), prog_bar=len(terms.losses) > 1, batch_size=size)
-            for name, value in self._distiller_metrics().items():
-                self.log(f"train/{name}", value, batch_size=size)
             self.log("train/lr", active_lr(self.trainer.optimizers[0], self.core.stage.name), batch_size=size)
             if len(self.stages) > 1:
                 self.log("train/stage", float(self.stages.index(self.core.stage)), batch_size=size)
         return loss
 
     def _distiller_metrics(self) -> dict[str, Tensor]:
-        """Values a distiller asks to see (e.g. CTKD's learnable temperature): ``metrics()`` of each."""
+        """Values a distiller asks to see, from its ``metrics()``, as ``train/<distiller>/<name>``."""
         out: dict[str, Tensor] = {}
         for distiller in self.distillers:
             metrics = getattr(distiller, "metrics", None)
             if metrics is not None:
-                out.update({f"{distiller.name}/{k}": v.detach().float() for k, v in metrics().items()})
+                out.update({f"train/{distiller.name}/{k}": v.detach().float() for k, v in metrics().items()})
         return out
-
-    def _accumulate(self, components: dict[str, Tensor], loss: Tensor) -> None:
-        """Sum every component over the epoch on its device (no synchronisation); logged as ``_epoch`` means."""
-        for name, value in {**components, "loss": loss}.items():
-            value = value.detach().float()
-            self.epoch_sums[name] = self.epoch_sums[name] + value if name in self.epoch_sums else value
-        self.epoch_steps += 1
-
-    def _logging_step(self, batch_idx: int) -> bool:
-        """Whether to log this step's terms: on the steps the loggers write (``Trainer(log_every_n_steps)``),
-        and on the last step of an epoch and of the fit. Not at every step: each ``self.log`` call costs about
-        0.3 ms, and a progress-bar value is read back to the host at every step it is logged."""
-        trainer = self.trainer
-        if trainer.fast_dev_run or batch_idx + 1 >= trainer.num_training_batches:
-            return True
-        if 0 < trainer.max_steps <= self.global_step + 1:
-            return True
-        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
 
     def on_train_epoch_end(self) -> None:
         self.finite_check.check()
-        if self.epoch_steps:
-            means = {name: total / self.epoch_steps for name, total in self.epoch_sums.items()}
-            for name, value in means.items():
-                self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
+        means = self.epoch_means.pop()
+        for name, value in means.items():
+            self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
+        if means:
             self.divergence.check(float(means["loss"]), self.current_epoch, self.core.stage)
-        self.epoch_sums, self.epoch_steps = {}, 0
 
     def on_train_end(self) -> None:
         self.finite_check.check()
@@ -378,13 +330,11 @@ class DistillationModule(L.LightningModule):
                 del state[key]
         checkpoint["lightning_kd"] = {
             "stage": self.core.stage.name,
-            "optimizer_stage": self.optimizer_stage,
             "teacher_saved": self.save_teacher,
             "teacher_fingerprint": self.teacher_fingerprint,
             "skipped_batches": self.skipped_batches,
             "divergence": self.divergence.state_dict(),
-            "epoch_sums": {k: v.detach().cpu() for k, v in self.epoch_sums.items()},
-            "epoch_steps": self.epoch_steps,
+            "epoch_means": self.epoch_means.state_dict(),
             "rng": rng.capture(),
         }
 
@@ -397,12 +347,10 @@ class DistillationModule(L.LightningModule):
             state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
         epoch = int(checkpoint.get("epoch", 0))
         self.core.set_epoch(epoch)
-        self.optimizer_stage = own.get("optimizer_stage", self.core.stage.name)
         self.skipped_batches = int(own.get("skipped_batches", 0))
         if "divergence" in own:
             self.divergence.load_state_dict(own["divergence"])
-        self.epoch_sums = dict(own.get("epoch_sums", {}))
-        self.epoch_steps = int(own.get("epoch_steps", 0))
+        self.epoch_means.load_state_dict(own.get("epoch_means", {}))
         self.teacher_measured = self.teacher is None
         if "rng" in own:  # a resumed fit draws the same random numbers as an uninterrupted one
             rng.restore(own["rng"])

@@ -72,26 +72,32 @@ def enter_stage(
     stage: str,
     lr: float | None = None,
     scheduler: Any = None,
-    fresh: bool = True,
 ) -> None:
     """Start ``stage`` in ``optimizer``.
 
     The groups that train in the stage get ``lr`` (an initialisation stage's own rate) or, when ``lr`` is None,
     the schedule's current rate (``scheduler.get_last_lr()``) or the group's base rate; every other group gets 0.
-    With ``fresh`` the optimizer state of every parameter (momentum, Adam moments, step counts) is dropped, as if
-    the optimizer had just been made.
+    When the optimizer was in another stage, the state of every parameter (momentum, Adam moments, step counts) is
+    dropped, as if the optimizer had just been made. The stage is recorded in the groups (``"active_stage"``), so a
+    checkpoint's optimizer state carries it and a resumed fit does not start the stage again.
     """
-    if fresh:
+    if optimizer.param_groups[0].get("active_stage", stage) != stage:
         optimizer.state.clear()
     current = scheduler.get_last_lr() if scheduler is not None and hasattr(scheduler, "get_last_lr") else None
     for index, group in enumerate(optimizer.param_groups):
         base = group.setdefault("base_lr", group.get("initial_lr", group["lr"]))
+        group["active_stage"] = stage
         if not trains_in(group, stage):
             group["lr"] = 0.0
         elif lr is not None:
             group["lr"] = lr
         else:
             group["lr"] = current[index] if current is not None else base
+
+
+def active_stage(optimizer: torch.optim.Optimizer) -> str | None:
+    """The stage ``optimizer`` was last started in (None: never)."""
+    return optimizer.param_groups[0].get("active_stage")
 
 
 def silence_idle_groups(optimizer: torch.optim.Optimizer, stage: str) -> None:
