@@ -8,7 +8,9 @@ Training augmentation: a random shift of up to ``size // 8`` pixels (the picture
 takes the background value). Second view (``strong_view``, for MLKD): an independent shift of up to
 ``size // 4`` pixels, then Cutout, a square of side ``c * size`` (``c ~ U(0, 0.5)``, MLKD's range) with a
 centre uniform over the image, painted with the background. No flips or rotations: digits are not symmetric
-(a mirrored 2 is no 2). Every draw is a pure function of ``(seed, epoch, index)``.
+(a mirrored 2 is no 2). Every draw is a pure function of ``(seed, epoch, index)``. Training batches carry the
+first view's parameters, as CIFAR's do: ``index``, ``crop_top``/``crop_left`` (the shift as the crop's corner in
+the padded image) and ``flip`` (0), so a teacher-output cache (:mod:`lightning_kd.cache`) can serve them.
 """
 
 from __future__ import annotations
@@ -57,16 +59,20 @@ class ShiftedImages(Dataset):
         fill: the value of the uncovered border and of Cutout (the images' background).
         strong_view: add ``image_strong``: a shift of up to ``strong_shift`` then Cutout (see the module).
         strong_shift: the largest shift of the second view (default ``2 * max_shift``, at least 1).
+        view_params: items carry the first view's parameters (what a teacher-output cache is looked up by):
+            ``index``, ``crop_top`` and ``crop_left`` (the crop's corner ``dy, dx`` in the padded image, in
+            ``0 .. 2 * max_shift``; see :func:`shift_image`) and ``flip`` (always 0: digits are never mirrored).
 
-    Items: ``(image, label)``; a dictionary ``{"image", "label", "image_strong"}`` with ``strong_view``.
+    Items: ``(image, label)``; a dictionary ``{"image", "label"}`` plus ``image_strong`` with ``strong_view`` and
+    the view parameters with ``view_params``.
     """
 
     keyed = True
 
     def __init__(self, images: Tensor, labels: Tensor, max_shift: int = 0, seed: int = 0, fill: float = 0.0,
-                 strong_view: bool = False, strong_shift: int | None = None) -> None:
+                 strong_view: bool = False, strong_shift: int | None = None, view_params: bool = False) -> None:
         self.images, self.labels, self.max_shift, self.seed, self.fill = images, labels, max_shift, seed, fill
-        self.strong_view = strong_view
+        self.strong_view, self.view_params = strong_view, view_params
         self.strong_shift = max(1, 2 * max_shift) if strong_shift is None else int(strong_shift)
         self.epoch = 0
 
@@ -76,10 +82,16 @@ class ShiftedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _shifted(self, image: Tensor, key: int, max_shift: int) -> Tensor:
+    @staticmethod
+    def shift_params(key: int, max_shift: int) -> tuple[int, int]:
+        """``(dy, dx)``, the crop's corner in the padded image, of the shift drawn from ``key``: with
+        ``s = 2 * max_shift + 1`` views ``v = key mod s ** 2``, ``dy = v // s``, ``dx = v mod s``."""
         side = 2 * max_shift + 1
         v = key % (side * side)
-        return shift_image(image, v // side, v % side, max_shift, self.fill)
+        return v // side, v % side
+
+    def _shifted(self, image: Tensor, key: int, max_shift: int) -> Tensor:
+        return shift_image(image, *self.shift_params(key, max_shift), max_shift, self.fill)
 
     def strong(self, image: Tensor, index: int, epoch: int, seed: int) -> Tensor:
         """The second view of ``image``: shift, then Cutout painted with :attr:`fill`."""
@@ -97,12 +109,16 @@ class ShiftedImages(Dataset):
     def __getitem__(self, key: SampleKey) -> Any:
         index, epoch, seed = split_key(key, self.epoch, self.seed)
         image = self.images[index]
-        first = image
-        if self.max_shift:
-            first = self._shifted(image, sample_key(seed, epoch, index, STREAM_VIEW), self.max_shift)
-        if not self.strong_view:
+        top, left = self.shift_params(sample_key(seed, epoch, index, STREAM_VIEW), self.max_shift)
+        first = shift_image(image, top, left, self.max_shift, self.fill)
+        if not (self.strong_view or self.view_params):
             return first, self.labels[index]
-        return {"image": first, "label": self.labels[index], "image_strong": self.strong(image, index, epoch, seed)}
+        sample: dict[str, Any] = {"image": first, "label": self.labels[index]}
+        if self.view_params:
+            sample.update(index=index, crop_top=top, crop_left=left, flip=0)
+        if self.strong_view:
+            sample["image_strong"] = self.strong(image, index, epoch, seed)
+        return sample
 
 
 def stratified_splits(labels: Tensor, fractions: list[float], seed: int) -> list[Tensor]:
@@ -249,7 +265,8 @@ class DigitsDataModule(ClassificationDataModule):
         train_idx, val_idx, test_idx = self.split_indices(labels)
         shift = self.size // 8 if self.augment else 0
         train = ShiftedImages(images[train_idx], labels[train_idx], shift, seed=self.resolved_seed(),
-                              fill=background, strong_view=self.strong_view, strong_shift=self.size // 4)
+                              fill=background, strong_view=self.strong_view, strong_shift=self.size // 4,
+                              view_params=True)
         self.train_set = self.wrap_train(train, labels=labels[train_idx])
         self.val_set = DictDataset(ShiftedImages(images[val_idx], labels[val_idx]))
         self.test_set = DictDataset(ShiftedImages(images[test_idx], labels[test_idx])) if test_idx is not None else None
