@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 #: commands that are not LightningCLI subcommands: name -> "module:function"
 COMMANDS = {
+    "cache": "lightning_kd.cache.command:main",
     "export": "lightning_kd.commands:export_main",
     "layers": "lightning_kd.commands:layers_main",
     "report": "lightning_kd.report:main",

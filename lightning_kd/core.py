@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.batch import IMAGE, VIEW_SEPARATOR, Batch, as_batch, split_view
+from lightning_kd.cache.serve import serve_teacher_cache
 from lightning_kd.checkpoints import fingerprint, load_into
 from lightning_kd.distillers.base import (
     Distiller,
@@ -94,6 +95,8 @@ class Distillation(nn.Module):
             merged over the bundled models' own ``feature_paths``.
         stage_lr: learning rate of the initialisation stages when a distiller gives none (default: the
             optimizer's own).
+        teacher_cache: a teacher-output cache (``lightning-kd cache``) serving the teacher's logits on the default
+            view; ``cache_verify_fraction`` of its lookups are checked live (:mod:`lightning_kd.cache.serve`).
     """
 
     def __init__(
@@ -110,6 +113,8 @@ class Distillation(nn.Module):
         student_feature_paths: Mapping[str, str] | None = None,
         teacher_feature_paths: Mapping[str, str] | None = None,
         stage_lr: float | None = None,
+        teacher_cache: str | os.PathLike | None = None,
+        cache_verify_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.student = build_network(student, num_classes, student_feature_paths, "student")
@@ -161,6 +166,7 @@ class Distillation(nn.Module):
         self.stage = self.stages[0]
         for distiller in distillers:
             distiller.on_stage(self.stage.name)
+        self.teacher_cache = serve_teacher_cache(self, teacher_cache, cache_verify_fraction) if teacher_cache else None
 
     # ------------------------------------------------------------------------------------------------------
     # set-up
@@ -361,7 +367,8 @@ class Distillation(nn.Module):
         needs_student = stage.distiller is None or stage.distiller.stage_needs_student
         student = self._run(self.student, self.student_taps, prepared, views) if needs_student else {}
         if self.teacher_needed(stage):
-            teacher = self._teacher_features(prepared, views)
+            cache = self.teacher_cache  # looks up the default view's logits, runs the teacher on the other views
+            teacher = cache.features(self, prepared, views) if cache else self._teacher_features(prepared, views)
         else:
             teacher = {}
             if self.teacher_taps is not None:

@@ -71,6 +71,9 @@ class DistillationModule(L.LightningModule):
             ``None`` turns the check off.
         channels_last: keep both networks and the images in the ``channels_last`` memory format.
         compile: ``torch.compile`` the student and the teacher in place when the fit starts.
+        teacher_cache, cache_verify_fraction: serve the teacher's default-view logits from a teacher-output cache
+            (see :class:`~lightning_kd.core.Distillation`); checked against the data module in ``setup``, the
+            verification's largest deviation logged as ``train/cache_max_abs_error``.
     """
 
     def __init__(
@@ -95,6 +98,8 @@ class DistillationModule(L.LightningModule):
         teacher_precision: Literal["same", "bf16", "fp16"] = "same",
         student_feature_paths: dict[str, str] | None = None,
         teacher_feature_paths: dict[str, str] | None = None,
+        teacher_cache: str | None = None,
+        cache_verify_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if nan_policy not in ("raise", "skip", "ignore"):
@@ -102,6 +107,7 @@ class DistillationModule(L.LightningModule):
         core = Distillation(
             student, teacher, distillers, task_loss_weight, teacher_checkpoint, student_checkpoint, num_classes,
             input_size, teacher_precision, student_feature_paths, teacher_feature_paths, stage_lr,
+            teacher_cache=teacher_cache, cache_verify_fraction=cache_verify_fraction,
         )  # fmt: skip
         self.save_hyperparameters(logger=True)  # they rebuild the module (load_from_checkpoint) and reach the loggers
         clean_module_hparams(self.hparams, list(core.distillers))
@@ -192,6 +198,8 @@ class DistillationModule(L.LightningModule):
             )
         for distiller in self.distillers:
             distiller.setup_data(datamodule)
+        if stage == "fit" and self.core.teacher_cache is not None:
+            self.core.teacher_cache.check_data(datamodule)  # this data and augmentation, or an error naming the field
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.core.param_groups())
@@ -270,6 +278,12 @@ class DistillationModule(L.LightningModule):
             if metrics is not None:
                 out.update({f"train/{distiller.name}/{k}": v.detach().float() for k, v in metrics().items()})
         return out
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        cache = self.core.teacher_cache
+        error = cache.pop_max_abs_error() if cache is not None else None
+        if error is not None:  # the cached logits against the live teacher's on a sample of the lookups
+            self.log("train/cache_max_abs_error", error.float(), batch_size=len(as_batch(batch)["label"]))
 
     def on_train_epoch_end(self) -> None:
         self.finite_check.check()
