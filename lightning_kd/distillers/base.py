@@ -19,16 +19,20 @@ Methods with an initialisation stage (AB, FT, FSP) set ``stage_epochs > 0`` and 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from lightning_kd.batch import VIEW_SEPARATOR, split_view
 from lightning_kd.distributed import gather_with_grad
 from lightning_kd.hparams import RemembersInit
 from lightning_kd.taps import expand_taps
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 
@@ -194,12 +198,30 @@ class RelationalDistiller(Distiller):
         if batch_scope not in ("device", "global"):
             raise ValueError(f"{self.name}: batch_scope must be 'device' or 'global', got {batch_scope!r}")
         self.batch_scope = batch_scope
+        #: how many times the loss got a batch of a single sample (no relation to compare)
+        self.batch_of_one = 0
 
     def gather(self, features: list[Tensor]) -> list[Tensor]:
-        """The features of the batch the loss should see (this device's, or all ranks')."""
+        """The features of the batch the loss should see (this device's, or all ranks').
+
+        A batch of one sample has no relations: the loss is then a constant with no gradient. That is counted in
+        :attr:`batch_of_one` (logged as ``train/<name>/batch_of_one``) and warned about once.
+        """
         if self.batch_scope == "global":
-            return [gather_with_grad(f) for f in features]
+            features = [gather_with_grad(f) for f in features]
+        if features and features[0].shape[0] < 2:
+            if not self.batch_of_one:
+                log.warning(
+                    "%s compares the samples of a batch, but got a batch of one: its loss carries no gradient here "
+                    "(training loaders drop the last partial batch by default; with batch_scope='global' the batch "
+                    "is every rank's)", self.name,
+                )
+            self.batch_of_one += 1
         return features
+
+    def metrics(self) -> dict[str, Tensor]:
+        """``batch_of_one``: how many times the relational loss saw a single sample (only once it has)."""
+        return {"batch_of_one": torch.tensor(float(self.batch_of_one))} if self.batch_of_one else {}
 
     def gathered_pairs(
         self, student_features: list[Tensor], teacher_features: list[Tensor]
