@@ -109,7 +109,8 @@ def build_network(
         network = create_model(spec, num_classes=num_classes)
     elif isinstance(spec, str) and "." in spec:
         factory = import_class(spec)
-        accepts = "num_classes" in inspect.signature(factory).parameters
+        parameters = inspect.signature(factory).parameters.values()
+        accepts = any(p.name == "num_classes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
         network = factory(num_classes=num_classes) if accepts else factory()
     elif isinstance(spec, str):
         create_model(spec)  # raises with the known names and close matches
