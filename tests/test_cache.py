@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def scaled_teacher() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
+def one_thread() -> Iterator[None]:
     """One intra-op thread: these networks are tiny, and on a shared 2-core machine two threads that wait for each
     other made a step 50 times slower."""
     threads = torch.get_num_threads()
@@ -391,8 +392,23 @@ def test_verification_measures_the_cache_against_the_live_teacher(teacher_file: 
     assert model.teacher_cache.pop_max_abs_error() is None
 
 
+def test_under_autocast_the_cache_says_it_serves_fp32_logits(teacher_file: Path, cache32: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    dm = digits()
+    dm.setup("fit")
+    model = core(teacher_file, [KD()], teacher_cache=cache32)
+    model.teacher_cache.check_data(dm)
+    batch = next(iter(dm.train_dataloader()))
+    with caplog.at_level("WARNING", logger="lightning_kd.cache.serve"), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            model.compute_losses(batch)
+    said = [r.getMessage() for r in caplog.records if r.name == "lightning_kd.cache.serve"]
+    assert len(said) == 1 and "not bit-equal to a live one" in said[0]  # once
+
+
 def _fit(teacher_file: Path, cache: Path | None, **options) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A seeded 3-epoch KD fit (18 steps): the student's weights at the start and at the end."""
+    """A seeded 3-epoch KD fit (18 steps): the student's weights at the start and at the end (the trainer's last
+    metrics in ``_fit.metrics``)."""
     import lightning as L
 
     L.seed_everything(0)
@@ -400,7 +416,9 @@ def _fit(teacher_file: Path, cache: Path | None, **options) -> tuple[dict[str, t
                                 teacher_checkpoint=str(teacher_file), input_size=(3, 16, 16),
                                 teacher_cache=str(cache) if cache else None, **options)
     start = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
-    make_trainer(max_epochs=3, limit_val_batches=0, deterministic=True).fit(module, datamodule=digits())
+    trainer = make_trainer(max_epochs=3, limit_val_batches=0, deterministic=True)
+    trainer.fit(module, datamodule=digits())
+    _fit.metrics = dict(trainer.callback_metrics)
     return start, {k: v.detach().clone() for k, v in module.student.state_dict().items()}
 
 
@@ -419,6 +437,7 @@ def test_a_kd_fit_with_the_fp32_cache_ends_with_the_live_fits_weights(teacher_fi
     with caplog.at_level("INFO", logger="lightning_kd.cache.serve"):
         _, cached = _fit(teacher_file, cache32, cache_verify_fraction=0.25)
     assert _max_relative_difference(live, cached) <= 1e-6
+    assert 0 <= _fit.metrics["train/cache_max_abs_error"] <= 1e-5  # the verification ran and was logged
     assert _max_relative_difference(start, live) > 1e-2  # the fit moved the weights: the comparison can fail
     said = [r.getMessage() for r in caplog.records if "serves the teacher's logits" in r.getMessage()]
     assert len(said) == 1 and "makes no forward in training" in said[0]  # said once

@@ -97,6 +97,7 @@ class CacheServer:
         self.data_checked = False
         self.max_abs_error: Tensor | None = None
         self.verified = 0
+        self._autocast_noted = False
         self._rng = np.random.default_rng(0)  # its own stream: the fit's random numbers stay untouched
 
     @property
@@ -127,6 +128,11 @@ class CacheServer:
             raise CacheUnsupportedError(f"teacher_cache={self.path!r} looks views up by {list(VIEW_KEYS)}, but the "
                                         f"batch has no {missing} (keys {sorted(batch)})")
         images = batch[IMAGE]
+        if not self._autocast_noted and torch.is_autocast_enabled(images.device.type):
+            self._autocast_noted = True
+            log.warning("teacher_cache serves the fp32 teacher's logits; under this autocast the live teacher would "
+                        "have run in reduced precision, so the fit is not bit-equal to a live one (it is closer to the "
+                        "fp32 teacher).")
         dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         logits = self.cache.lookup(*(batch[k] for k in VIEW_KEYS)).to(images.device, dtype, non_blocking=True)
         features = {LOGITS: logits}

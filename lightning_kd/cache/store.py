@@ -68,6 +68,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # the permissions of a file opened normally (mkstemp's are 0600)
         with os.fdopen(handle, "w") as out:
             json.dump(data, out, indent=1, sort_keys=True)
             out.flush()
@@ -77,6 +78,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
