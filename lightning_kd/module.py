@@ -252,10 +252,10 @@ class DistillationModule(L.LightningModule):
             idle = self.core.idle_parameters()
             if idle:
                 loss = loss + sum(p.reshape(-1)[0] for p in idle) * 0.0
-        components = {**terms.losses, "loss": loss} if len(terms.losses) > 1 else {**terms.losses}
-        if self.nan_policy == "raise":
-            self.finite_check.record(self.global_step, self.current_epoch, self.core.stage.name, components)
-        self.epoch_means.add({**components, "loss": loss})
+        if self.nan_policy == "raise":  # "total" is named only when no term is non-finite itself
+            checked = {**terms.losses, "total": loss} if len(terms.losses) > 1 else terms.losses
+            self.finite_check.record(self.global_step, self.current_epoch, self.core.stage.name, checked)
+        self.epoch_means.add({**terms.losses, "loss": loss})
         metrics = self._distiller_metrics()
         if metrics:  # e.g. CTKD's learnable temperature: its main diagnostic, logged every step
             self.log_dict(metrics, batch_size=batch["label"].shape[0])
