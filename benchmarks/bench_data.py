@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for folder in (ROOT, ROOT / "benchmarks"):  # the package, and bench_overhead beside this script
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+if str(ROOT) not in sys.path:  # the package, and the overhead benchmark's harness beside this script
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from bench_overhead import training_only_trainer  # noqa: E402
+from benchmarks.overhead.harness import training_only_trainer  # noqa: E402
 from lightning_kd.data.base import default_num_workers  # noqa: E402
 from lightning_kd.data.cifar import CIFAR100DataModule, cifar100_transforms  # noqa: E402
 
@@ -131,8 +130,8 @@ def format_table(cfg: dict[str, Any], results: dict[int, dict[str, list[float]]]
         + ", ".join(f"{x:.2f}" for x in os.getloadavg())
         + f", {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
-        "| num_workers | loader alone (images/s) | fit (steps/s) | fit (images/s) | loader / fit demand | fit vs num_workers="
-        f"{min(results)} |",
+        "| num_workers | loader alone (images/s) | fit (steps/s) | fit (images/s) | loader / fit demand "
+        f"| fit vs num_workers={min(results)} |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for workers, measured in results.items():
@@ -192,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             fit = fit_steps_per_second(workers, cfg)
             results[workers]["loader"].append(loader)
             results[workers]["fit"].append(fit)
-            line = f"round {round_index + 1}: num_workers={workers}  loader {loader:,.0f} images/s  fit {fit:.2f} steps/s"
-            print(line, flush=True)  # noqa: T201
+            print(  # noqa: T201
+                f"round {round_index + 1}: num_workers={workers}  loader {loader:,.0f} images/s  fit {fit:.2f} steps/s",
+                flush=True,
+            )
     table = format_table(cfg, results)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
