@@ -1,5 +1,10 @@
-"""FitNet, AT, SP, CC, FSP and NST losses against explicit-loop computations, finite differences,
-degenerate inputs, bf16 autocast, and NST's memory bound."""
+"""Feature-map losses (FitNet's hint, VID, AT, NST) against loop-by-loop computations, finite differences,
+degenerate maps and bf16 autocast, and NST's memory bound.
+
+The second computations work element by element on Python floats (double precision), share no code with the
+library, and pool with the definition of adaptive average pooling. Batches of one through the distillers and bf16
+autocast dtypes are checked for every method by tests/test_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -10,125 +15,55 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_kd.functional import at_loss, cc_loss, fsp_loss, fsp_matrix, hint_loss, nst_loss, sp_loss
+from loop_reference import flat, match, unit
+from lightning_kd.functional import at_loss, hint_loss, nst_loss, vid_loss
 
-EPS = 1e-12
+REL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
-# independent loop implementations (plain Python floats, no torch ops)
+# independent loop implementations
 # --------------------------------------------------------------------------------------------------------------
-def _nested(x: torch.Tensor) -> list:
-    return x.detach().double().tolist()
-
-
-def _pool(fmap: list, out_h: int, out_w: int) -> list:
-    """Adaptive average pooling of one (C, H, W) nested list, bins as floor(i*in/out) .. ceil((i+1)*in/out)."""
-    in_h, in_w = len(fmap[0]), len(fmap[0][0])
-    pooled = []
-    for channel in fmap:
-        rows = []
-        for i in range(out_h):
-            h0, h1 = (i * in_h) // out_h, -((-(i + 1) * in_h) // out_h)
-            row = []
-            for j in range(out_w):
-                w0, w1 = (j * in_w) // out_w, -((-(j + 1) * in_w) // out_w)
-                cells = [channel[h][w] for h in range(h0, h1) for w in range(w0, w1)]
-                row.append(sum(cells) / len(cells))
-            rows.append(row)
-        pooled.append(rows)
-    return pooled
-
-
-def _match(s: list, t: list) -> tuple[list, list]:
-    """Pool each sample of both (B, C, H, W) nested lists to the smaller height and width."""
-    h = min(len(s[0][0]), len(t[0][0]))
-    w = min(len(s[0][0][0]), len(t[0][0][0]))
-    return [_pool(x, h, w) for x in s], [_pool(x, h, w) for x in t]
-
-
-def _flat(channel: list) -> list[float]:
-    return [v for row in channel for v in row]
-
-
-def _unit(v: list[float]) -> list[float]:
-    norm = max(math.sqrt(sum(x * x for x in v)), EPS)
-    return [x / norm for x in v]
-
-
-def _hint_loop(s: torch.Tensor, t: torch.Tensor) -> float:
+def hint_by_loop(s: torch.Tensor, t: torch.Tensor) -> float:
     a, b = s.detach().double().flatten().tolist(), t.detach().double().flatten().tolist()
     return sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
 
 
-def _at_loop(s: torch.Tensor, t: torch.Tensor, p: float = 2.0) -> float:
-    s_maps, t_maps = _match(_nested(s), _nested(t))
+def vid_by_loops(mean: torch.Tensor, target: torch.Tensor, var: torch.Tensor) -> float:
+    m, t = match(mean, target)
+    v = var.tolist()
+    total, count = 0.0, 0
+    for b in range(len(m)):
+        for c in range(len(m[b])):
+            for i in range(len(m[b][c])):
+                for j in range(len(m[b][c][i])):
+                    total += 0.5 * ((m[b][c][i][j] - t[b][c][i][j]) ** 2 / v[c] + math.log(v[c]))
+                    count += 1
+    return total / count
+
+
+def at_by_loop(s: torch.Tensor, t: torch.Tensor, p: float = 2.0) -> float:
+    s_maps, t_maps = match(s, t)
     total, count = 0.0, 0
     for fs, ft in zip(s_maps, t_maps):
-        positions = len(_flat(fs[0]))
-        a_s = _unit([sum(abs(_flat(c)[k]) ** p for c in fs) / len(fs) for k in range(positions)])
-        a_t = _unit([sum(abs(_flat(c)[k]) ** p for c in ft) / len(ft) for k in range(positions)])
+        positions = len(flat(fs[0]))
+        a_s = unit([sum(abs(flat(c)[k]) ** p for c in fs) / len(fs) for k in range(positions)])
+        a_t = unit([sum(abs(flat(c)[k]) ** p for c in ft) / len(ft) for k in range(positions)])
         total += sum((x - y) ** 2 for x, y in zip(a_s, a_t))
         count += positions
     return total / count
 
 
-def _sp_loop(s: torch.Tensor, t: torch.Tensor) -> float:
-    fs = [row for row in s.detach().double().reshape(s.shape[0], -1).tolist()]
-    ft = [row for row in t.detach().double().reshape(t.shape[0], -1).tolist()]
-    n = len(fs)
-
-    def gram(f: list) -> list:
-        return [_unit([sum(a * b for a, b in zip(f[i], f[j])) for j in range(n)]) for i in range(n)]
-
-    gs, gt = gram(fs), gram(ft)
-    return sum((gs[i][j] - gt[i][j]) ** 2 for i in range(n) for j in range(n)) / n**2
-
-
-def _cc_loop(es: torch.Tensor, et: torch.Tensor) -> float:
-    a, b = _nested(es), _nested(et)
-    n, k = len(a), len(a[0])
-    if n < 2:
-        return 0.0
-    d = [[abs(a[i][j] - b[i][j]) for j in range(k)] for i in range(n)]
-    return sum(sum(d[i][j] * d[i + 1][j] for j in range(k)) for i in range(n - 1)) / (n - 1)
-
-
-def _fsp_matrix_loop(bottom: list, top: list) -> list:
-    """One sample: G[i][j] = sum over positions of top[i] * bottom[j] / HW."""
-    positions = len(_flat(bottom[0]))
-    return [
-        [sum(x * y for x, y in zip(_flat(ti), _flat(bj))) / positions for bj in bottom]
-        for ti in top
-    ]
-
-
-def _fsp_loop(s_maps: list[torch.Tensor], t_maps: list[torch.Tensor]) -> float:
-    total = 0.0
-    for i in range(len(s_maps) - 1):
-        s_bot, s_top = _match(_nested(s_maps[i]), _nested(s_maps[i + 1]))
-        t_bot, t_top = _match(_nested(t_maps[i]), _nested(t_maps[i + 1]))
-        squares, count = 0.0, 0
-        for b in range(len(s_bot)):
-            gs, gt = _fsp_matrix_loop(s_bot[b], s_top[b]), _fsp_matrix_loop(t_bot[b], t_top[b])
-            for row_s, row_t in zip(gs, gt):
-                for x, y in zip(row_s, row_t):
-                    squares += (x - y) ** 2
-                    count += 1
-        total += squares / count
-    return total
-
-
-def _nst_loop(s: torch.Tensor, t: torch.Tensor) -> float:
-    s_maps, t_maps = _match(_nested(s), _nested(t))
+def nst_by_loop(s: torch.Tensor, t: torch.Tensor) -> float:
+    s_maps, t_maps = match(s, t)
 
     def mean_kernel(x: list, y: list) -> float:
         return sum(sum(a * b for a, b in zip(xi, yj)) ** 2 for xi in x for yj in y) / (len(x) * len(y))
 
     total = 0.0
     for fs, ft in zip(s_maps, t_maps):
-        xs = [_unit(_flat(c)) for c in fs]
-        xt = [_unit(_flat(c)) for c in ft]
+        xs = [unit(flat(c)) for c in fs]
+        xt = [unit(flat(c)) for c in ft]
         total += mean_kernel(xt, xt) + mean_kernel(xs, xs) - 2 * mean_kernel(xs, xt)
     return total / len(s_maps)
 
@@ -144,6 +79,7 @@ MAP_PAIRS = [
     ((2, 3, 6, 4), (2, 5, 3, 2)),
     ((2, 3, 5, 7), (2, 4, 3, 4)),
 ]
+SPATIAL = [((4, 4), (4, 4)), ((8, 8), (4, 4)), ((4, 4), (8, 8)), ((8, 6), (4, 3)), ((4, 3), (8, 6)), ((5, 7), (3, 4))]
 
 
 def _close(got: torch.Tensor, expected: float) -> None:
@@ -153,66 +89,29 @@ def _close(got: torch.Tensor, expected: float) -> None:
 
 def test_hint_loss_matches_loop() -> None:
     s, t = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
-    _close(hint_loss(s, t), _hint_loop(s, t))
+    _close(hint_loss(s, t), hint_by_loop(s, t))
+
+
+@pytest.mark.parametrize(("size_s", "size_t"), SPATIAL)
+def test_vid_matches_loops(size_s: tuple[int, int], size_t: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    mean, target = torch.randn(2, 3, *size_s), torch.randn(2, 3, *size_t)
+    var = torch.rand(3) + 0.1
+    assert vid_loss(mean, target, var).item() == pytest.approx(vid_by_loops(mean, target, var), rel=REL)
+
+
+def test_vid_loss_can_be_negative_and_has_the_gaussian_minimum() -> None:
+    # at mu = f_t the loss is 0.5 * mean(log var): negative for var < 1
+    x = torch.randn(2, 3, 2, 2)
+    var = torch.tensor([0.5, 0.25, 0.1])
+    assert vid_loss(x, x, var).item() == pytest.approx(0.5 * sum(math.log(v) for v in var.tolist()) / 3, rel=REL)
 
 
 @pytest.mark.parametrize("shapes", MAP_PAIRS)
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
 def test_at_loss_matches_loop(shapes: tuple, p: float) -> None:
     s, t = torch.randn(shapes[0]), torch.randn(shapes[1])
-    _close(at_loss(s, t, p=p), _at_loop(s, t, p))
-
-
-@pytest.mark.parametrize("shapes", MAP_PAIRS + [((4, 7), (4, 3, 2))])
-def test_sp_loss_matches_loop(shapes: tuple) -> None:
-    s, t = torch.randn(shapes[0]), torch.randn(shapes[1])
-    _close(sp_loss(s, t), _sp_loop(s, t))
-
-
-@pytest.mark.parametrize("batch", [2, 5])
-def test_cc_loss_matches_loop(batch: int) -> None:
-    s, t = torch.randn(batch, 6), torch.randn(batch, 6)
-    _close(cc_loss(s, t), _cc_loop(s, t))
-
-
-def test_cc_loss_depends_on_adjacent_rows_only() -> None:
-    # rows 0 and 2 are never adjacent: with d = [a, 0, b] the loss is 0 whatever a and b are
-    s = torch.tensor([[1.0, 2.0], [5.0, 5.0], [3.0, -1.0]])
-    t = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 0.0]])
-    assert cc_loss(s, t).item() == 0.0
-
-
-@pytest.mark.parametrize(
-    "student_shapes, teacher_shapes",
-    [
-        ([(2, 3, 8, 8), (2, 4, 8, 8), (2, 5, 4, 4)], [(2, 3, 8, 8), (2, 4, 8, 8), (2, 5, 4, 4)]),
-        ([(2, 3, 8, 8), (2, 4, 4, 4), (2, 5, 4, 2)], [(2, 3, 4, 4), (2, 4, 8, 8), (2, 5, 2, 2)]),
-        ([(2, 2, 6, 4), (2, 3, 3, 2)], [(2, 2, 5, 7), (2, 3, 5, 7)]),
-    ],
-)
-def test_fsp_loss_matches_loop(student_shapes: list, teacher_shapes: list) -> None:
-    s = [torch.randn(shape) for shape in student_shapes]
-    t = [torch.randn(shape) for shape in teacher_shapes]
-    _close(fsp_loss(s, t), _fsp_loop(s, t))
-
-
-def test_fsp_matrix_shape_and_values() -> None:
-    bottom, top = torch.randn(2, 3, 8, 6), torch.randn(2, 5, 4, 3)
-    g = fsp_matrix(bottom, top)
-    assert g.shape == (2, 5, 3)  # (B, C_top, C_bottom)
-    pooled_bottom, pooled_top = _match(_nested(bottom), _nested(top))
-    for b in range(2):
-        expected = _fsp_matrix_loop(pooled_bottom[b], pooled_top[b])
-        for i in range(5):
-            for j in range(3):
-                assert g[b, i, j].item() == pytest.approx(expected[i][j], rel=1e-5, abs=1e-8)
-
-
-def test_fsp_matrix_orientation_matters() -> None:
-    # G has shape (C_top, C_bottom): a transposed teacher matrix would not give 0
-    bottom, top = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
-    assert fsp_loss([bottom, top], [bottom, top]).item() == 0.0
-    assert fsp_loss([bottom, top], [top, bottom]).item() > 1e-3
+    _close(at_loss(s, t, p=p), at_by_loop(s, t, p))
 
 
 @pytest.mark.parametrize(
@@ -226,20 +125,29 @@ def test_fsp_matrix_orientation_matters() -> None:
 )
 def test_nst_loss_matches_loop(shapes: tuple) -> None:
     s, t = torch.randn(shapes[0]), torch.randn(shapes[1])
-    _close(nst_loss(s, t), _nst_loop(s, t))
+    _close(nst_loss(s, t), nst_by_loop(s, t))
 
 
 def test_losses_vanish_on_matching_inputs() -> None:
     f = torch.rand(3, 4, 4, 4) + 0.1
     assert hint_loss(f, f).item() == 0.0
     assert at_loss(f, 2 * f).item() == pytest.approx(0.0, abs=1e-12)
-    assert sp_loss(f, 3 * f).item() == pytest.approx(0.0, abs=1e-12)
     assert nst_loss(f, 4 * f).item() == pytest.approx(0.0, abs=1e-6)
-    assert cc_loss(f.flatten(1), f.flatten(1)).item() == 0.0
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        hint_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="channels"):
+        vid_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        nst_loss(torch.randn(2, 3, 2, 2), torch.randn(3, 3, 2, 2))
+    with pytest.raises(ValueError, match="p >= 1"):
+        at_loss(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), p=0.5)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# gradients against finite differences (fp64 stays fp64 inside the functions)
+# gradients against finite differences in both inputs and the options (fp64 stays fp64 inside the functions)
 # --------------------------------------------------------------------------------------------------------------
 def _d(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -249,24 +157,17 @@ def test_hint_gradcheck() -> None:
     assert torch.autograd.gradcheck(hint_loss, (_d(2, 2, 3, 3), _d(2, 2, 3, 3)))
 
 
+def test_vid_gradcheck_in_the_mean_and_the_variance() -> None:
+    torch.manual_seed(5)
+    t_map = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    mean, var = _d(2, 3, 4, 4), (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, v: vid_loss(m, t_map, v), (mean, var))
+
+
 @pytest.mark.parametrize("shapes", [((2, 3, 4, 4), (2, 2, 2, 2)), ((2, 2, 3, 2), (2, 3, 3, 4))])
 def test_at_gradcheck(shapes: tuple) -> None:
     assert torch.autograd.gradcheck(at_loss, (_d(*shapes[0]), _d(*shapes[1])))
     assert torch.autograd.gradcheck(lambda s, t: at_loss(s, t, p=3.0), (_d(*shapes[0]), _d(*shapes[1])))
-
-
-def test_sp_gradcheck() -> None:
-    assert torch.autograd.gradcheck(sp_loss, (_d(3, 2, 2, 2), _d(3, 5)))
-
-
-def test_cc_gradcheck() -> None:
-    assert torch.autograd.gradcheck(cc_loss, (_d(4, 3), _d(4, 3)))
-
-
-def test_fsp_gradcheck() -> None:
-    s = [_d(2, 2, 4, 4), _d(2, 3, 2, 2), _d(2, 2, 2, 2)]
-    t = [_d(2, 2, 2, 2), _d(2, 3, 4, 4), _d(2, 2, 2, 2)]
-    assert torch.autograd.gradcheck(lambda *x: fsp_loss(x[:3], x[3:]), (*s, *t))
 
 
 @pytest.mark.parametrize("shapes", [((2, 3, 4, 4), (2, 2, 2, 2)), ((2, 5, 1, 2), (2, 4, 1, 2))])
@@ -275,15 +176,13 @@ def test_nst_gradcheck(shapes: tuple) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# degenerate inputs: batch of one, identical rows, all-zero maps
+# degenerate inputs: identical rows, all-zero maps
 # --------------------------------------------------------------------------------------------------------------
 LOSSES = {
     "hint": lambda s, t: hint_loss(s, t),
     "at": lambda s, t: at_loss(s, t),
-    "sp": lambda s, t: sp_loss(s, t),
-    "cc": lambda s, t: cc_loss(s.flatten(1), t.flatten(1)),
-    "fsp": lambda s, t: fsp_loss([s, s * s], [t, t * t]),
     "nst": lambda s, t: nst_loss(s, t),
+    "vid": lambda s, t: vid_loss(s, t, torch.full((3,), 5.0)),
 }
 
 
@@ -297,28 +196,11 @@ def _finite_with_grad(name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_batch_of_one(name: str) -> None:
-    _finite_with_grad(name, torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4))
-
-
-def test_batch_of_one_values() -> None:
-    # a single sample is perfectly similar to itself on both sides; no adjacent pair for CC
-    assert sp_loss(torch.randn(1, 5), torch.randn(1, 7)).item() == pytest.approx(0.0, abs=1e-12)
-    assert cc_loss(torch.randn(1, 5), torch.randn(1, 5)).item() == 0.0
-
-
-@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_identical_rows(name: str) -> None:
     row = torch.randn(1, 3, 4, 4)
     s, t = row.repeat(4, 1, 1, 1), torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)
     _finite_with_grad(name, s, t)
     _finite_with_grad(name, s, s.detach())  # coincident student and teacher
-
-
-def test_identical_rows_values() -> None:
-    s = torch.randn(1, 6).repeat(4, 1)
-    t = torch.randn(1, 3).repeat(4, 1)
-    assert sp_loss(s, t).item() == pytest.approx(0.0, abs=1e-12)  # both sides: every pair equally similar
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -338,18 +220,17 @@ def test_all_zero_maps(name: str, which: str) -> None:
 def test_all_zero_values() -> None:
     z = torch.zeros(3, 2, 4, 4)
     f = torch.randn(3, 2, 4, 4)
-    # a zero map has a zero attention map, zero similarity rows, zero normalised channels
-    assert at_loss(z, f).item() == pytest.approx(_at_loop(z, f), rel=1e-5)
-    assert sp_loss(z, f).item() == pytest.approx(_sp_loop(z, f), rel=1e-5)
-    assert nst_loss(z, f).item() == pytest.approx(_nst_loop(z, f), rel=1e-5)
+    # a zero map has a zero attention map and zero normalised channels
+    assert at_loss(z, f).item() == pytest.approx(at_by_loop(z, f), rel=1e-5)
+    assert nst_loss(z, f).item() == pytest.approx(nst_by_loop(z, f), rel=1e-5)
     assert nst_loss(z, z).item() == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------
-# bf16 autocast on CPU: fp32 results, equal to the fp32 computation for fp32 inputs
+# bf16 autocast on CPU: fp32 results, equal to the fp32 computation
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_bf16_autocast_gives_fp32(name: str) -> None:
+@pytest.mark.parametrize("name", ["hint", "at", "nst"])
+def test_bf16_autocast_keeps_the_matrix_products_in_fp32(name: str) -> None:
     s, t = torch.randn(4, 3, 4, 4) * 10, torch.randn(4, 3, 4, 4) * 10
     reference = LOSSES[name](s, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -357,30 +238,19 @@ def test_bf16_autocast_gives_fp32(name: str) -> None:
         low_inputs = LOSSES[name](s.bfloat16(), t.bfloat16())
     assert same_inputs.dtype == torch.float32 and low_inputs.dtype == torch.float32
     assert torch.isfinite(low_inputs)
-    # the matrix products stay in fp32 under autocast
     assert same_inputs.item() == pytest.approx(reference.item(), rel=1e-5)
     # bf16 inputs only lose their input rounding
     assert low_inputs.item() == pytest.approx(reference.item(), rel=0.1, abs=1e-3)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# errors
-# --------------------------------------------------------------------------------------------------------------
-def test_errors() -> None:
-    with pytest.raises(ValueError, match="same shape"):
-        hint_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))
-    with pytest.raises(ValueError, match="same shape"):
-        cc_loss(torch.randn(2, 3), torch.randn(2, 4))
-    with pytest.raises(ValueError, match="batch sizes differ"):
-        sp_loss(torch.randn(2, 3), torch.randn(3, 3))
-    with pytest.raises(ValueError, match="batch sizes differ"):
-        nst_loss(torch.randn(2, 3, 2, 2), torch.randn(3, 3, 2, 2))
-    with pytest.raises(ValueError, match="p >= 1"):
-        at_loss(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), p=0.5)
-    with pytest.raises(ValueError, match=r"at index 1 .*\(2, 4, 2, 2\).*\(2, 5, 2, 2\)"):
-        fsp_loss([torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)], [torch.randn(2, 3, 2, 2), torch.randn(2, 5, 2, 2)])
-    with pytest.raises(ValueError, match="at least 2"):
-        fsp_loss([torch.randn(2, 3, 2, 2)], [torch.randn(2, 3, 2, 2)])
+def test_vid_under_bf16_autocast_is_computed_in_fp32() -> None:
+    torch.manual_seed(7)
+    s, t = torch.randn(4, 3, 8, 8).bfloat16(), torch.randn(4, 3, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = LOSSES["vid"](s, t)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    # the same bf16 inputs outside autocast: no part of the computation may have dropped to bf16
+    torch.testing.assert_close(got, LOSSES["vid"](s.float(), t.float()), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------------
