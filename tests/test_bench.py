@@ -78,6 +78,7 @@ def test_unknown_method_is_refused_with_the_known_names(tmp_path: Path) -> None:
     assert not output.exists()
 
 
+@pytest.mark.slow  # four worker processes: about 30 s on a quiet 2-core machine
 def test_quick_breakdown_runs_every_variant_on_the_same_work(tmp_path: Path) -> None:
     output = tmp_path / "breakdown.md"
     result = _run([
