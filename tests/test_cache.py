@@ -263,6 +263,24 @@ def test_interrupted_build_resumes_and_skips_finished_chunks(tmp_path: Path, tea
     assert snapshot(folder) == before and len(resumed) == 4
 
 
+def test_chunk_records_without_their_manifest_are_not_trusted(tmp_path: Path, teacher_file: Path) -> None:
+    events: list[Progress] = []
+
+    def interrupt(event: Progress) -> None:
+        events.append(event)
+        if len(events) == 2:
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(_teacher(teacher_file), digits(), folder, dtype="fp32", chunk_images=16, progress=interrupt)
+    (folder / "manifest.json").unlink()  # the records of chunks 0 and 1 stay behind, their manifest is gone
+    fresh: list[Progress] = []
+    build_cache(scaled_teacher().half().float(), digits(), folder, dtype="fp32", chunk_images=16,
+                progress=fresh.append)
+    assert len(fresh) == 7  # every chunk computed again, for the new manifest
+
+
 def test_partition_gives_each_process_a_disjoint_contiguous_range() -> None:
     for n in (0, 1, 5, 7, 100):
         chunks = list(range(3, 3 + n))

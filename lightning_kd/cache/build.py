@@ -188,7 +188,8 @@ def prepare(folder: Path, planned: dict[str, Any]) -> dict[str, Any]:
         open_array(folder, found)  # a damaged array is an error, not a resume
         return found
     folder.mkdir(parents=True, exist_ok=True)
-    strangers = sorted(p.name for p in folder.iterdir() if p.name not in (ARRAY, CHUNKS))
+    leftovers = (ARRAY, CHUNKS)  # of a build stopped before its manifest was written
+    strangers = sorted(p.name for p in folder.iterdir() if p.name not in leftovers and not p.name.startswith("."))
     if strangers:
         raise TeacherCacheError(f"{os.fspath(folder)!r} is not empty ({strangers[:5]}) and holds no cache: choose an "
                                 "empty or new folder for --output")
@@ -196,6 +197,7 @@ def prepare(folder: Path, planned: dict[str, Any]) -> dict[str, Any]:
     if free < planned["bytes"]:
         raise TeacherCacheError(f"the cache needs {planned['bytes']:,} bytes but {os.fspath(folder)!r} has {free:,} "
                                 "free: choose another --output or --dtype fp16")
+    shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # chunk records belong to the manifest they were made under
     array = np.lib.format.open_memmap(folder / ARRAY, mode="w+", dtype=planned["dtype"],
                                       shape=tuple(planned["shape"]))
     del array
