@@ -28,7 +28,7 @@ def _losses(**options) -> dict[str, torch.Tensor]:
     module.configure_model()
     torch.manual_seed(1)
     batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.randint(0, 10, (8,))}
-    losses, _ = module.compute_losses(batch)
+    losses = module.core.compute_losses(batch).losses
     return {k: v.detach() for k, v in losses.items()}
 
 
