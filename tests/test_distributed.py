@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -55,25 +54,42 @@ def teacher_features(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], 5, 1, 1) if name == "sp" else t
 
 
-def _worker(rank: int, port: int, name: str, scope: str, out: str) -> None:
+CASES = [(name, "global") for name in ("rkd", "pkt", "sp", "cc")] + [(name, "device") for name in ("rkd", "pkt")]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """Every case on this rank's half of the batch; rank 0 saves each case's losses (all ranks') and averaged
+    gradients."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        student, inputs, teacher = data()
-        distiller = make_relational(name, scope).double()
-        rows = slice(rank * HALF, (rank + 1) * HALF)
-        loss = distiller([student_features(name, student, inputs[rows])], [teacher_features(name, teacher[rows])], {})
-        loss.backward()
-        grads = [p.grad for p in [*student.parameters(), *distiller.parameters()]]
-        for grad in grads:  # what DDP does with parameter gradients
-            dist.all_reduce(grad)
-            grad /= WORLD
-        losses = [torch.zeros(()) for _ in range(WORLD)]
-        dist.all_gather(losses, loss.detach().float())
+        results = {}
+        for name, scope in CASES:
+            student, inputs, teacher = data()
+            distiller = make_relational(name, scope).double()
+            rows = slice(rank * HALF, (rank + 1) * HALF)
+            features = student_features(name, student, inputs[rows])
+            loss = distiller([features], [teacher_features(name, teacher[rows])], {})
+            loss.backward()
+            grads = [p.grad for p in [*student.parameters(), *distiller.parameters()]]
+            for grad in grads:  # what DDP does with parameter gradients
+                dist.all_reduce(grad)
+                grad /= WORLD
+            losses = [torch.zeros(()) for _ in range(WORLD)]
+            dist.all_gather(losses, loss.detach().float())
+            results[f"{name}-{scope}"] = {"losses": torch.stack(losses).double(), "grads": grads}
         if rank == 0:
-            torch.save({"losses": torch.stack(losses).double(), "grads": grads}, out)
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The results of every case on two gloo processes (one spawn for all: starting processes is the cost)."""
+    out = str(tmp_path_factory.mktemp("ranks") / "rank0.pt")
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    return torch.load(out, weights_only=True)
 
 
 def _single(name: str, rows: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -85,22 +101,19 @@ def _single(name: str, rows: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("name", ["rkd", "pkt", "sp", "cc"])
-def test_global_batch_scope_equals_one_process_with_the_whole_batch(name: str, tmp_path: Path) -> None:
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(free_port(), name, "global", out), nprocs=WORLD, join=True)
-    got = torch.load(out, weights_only=True)
+def test_global_batch_scope_equals_one_process_with_the_whole_batch(name: str, two_processes: dict) -> None:
+    got = two_processes[f"{name}-global"]
     loss, grads = _single(name, slice(0, WORLD * HALF))
     for rank_loss in got["losses"]:
         torch.testing.assert_close(rank_loss, loss, rtol=1e-5, atol=1e-7)
+    assert len(got["grads"]) == len(grads)
     for a, b in zip(got["grads"], grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["rkd", "pkt"])
-def test_device_batch_scope_averages_the_halves(name: str, tmp_path: Path) -> None:
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(free_port(), name, "device", out), nprocs=WORLD, join=True)
-    got = torch.load(out, weights_only=True)
+def test_device_batch_scope_averages_the_halves(name: str, two_processes: dict) -> None:
+    got = two_processes[f"{name}-device"]
     halves = [_single(name, slice(r * HALF, (r + 1) * HALF)) for r in range(WORLD)]
     for rank in range(WORLD):
         torch.testing.assert_close(got["losses"][rank], halves[rank][0], rtol=1e-5, atol=1e-7)
