@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_kd.demo import digits_config_args
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "loggers" / "wandb.yaml"
 
@@ -139,7 +141,7 @@ def test_offline_fit_logs_the_loss_components(tmp_path: Path, counter: _Connecti
         Path(env[name]).mkdir()
     command = [
         sys.executable, "-m", "lightning_kd.cli", "fit",
-        "--config", str(ROOT / "configs" / "digits" / "kd.yaml"),
+        *digits_config_args("kd"),
         "--config", str(CONFIG),
         "--model.teacher_checkpoint=null",
         "--trainer.max_epochs=1",
