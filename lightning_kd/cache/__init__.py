@@ -19,6 +19,12 @@ looked up by them: the same logits the live teacher computes, for every run and 
 Storage: ``N x views x C`` values, fp16 by default (2 bytes; relative error <= 2^-11 per logit, half an fp16
 step) or fp32 (4 bytes, exact). CIFAR-100: 8.1 M views x 100 classes = 1.62 GB in fp16, 3.24 GB in fp32.
 Only logits are cached: feature methods would need e.g. 265 GB for a 256x8x8 fp16 map per view.
+
+fp16, measured on the digits teacher (resnet56 trained 15 epochs, 97.5% top-1; 26,975 views, logits up to
+|z| = 69.4, median 3.3): max |fp16 - fp32| = 0.019 (at |z| = 69.4), mean 7.8e-4, max relative 4.879e-4 (the
+bound 2^-11 = 4.883e-4; every value is the fp32 logit rounded to nearest); the soft targets at T = 4 move by at
+most 5.2e-4 and KL(p_fp32 || p_fp16) <= 7.5e-7; 1 view in 26,975 changes its arg-max (a near tie). Use fp32 for
+fits that must equal live-teacher fits; fp16 for the rest.
 """
 
 from lightning_kd.cache.build import Progress, build_cache, partition
