@@ -55,7 +55,7 @@ def _fit(tmp: Path, env: dict[str, str], config: list[str], run: str, extra_call
     args = [sys.executable, "-m", "lightning_kd.cli", "fit", *config, "--config", str(callbacks),
             f"--model.teacher_checkpoint={tmp / 'teacher.pt'}", f"--trainer.default_root_dir={tmp / run}",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1",
-            "--trainer.deterministic=true", *overrides]
+            "--trainer.deterministic=true", "--data.train_subset=null", *overrides]  # every training image
     if ckpt_path:
         args.append(f"--ckpt_path={ckpt_path}")
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
