@@ -25,10 +25,13 @@ Example:
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 LOGITS = "logits"
 INPUT_SUFFIX = ":input"
@@ -95,27 +98,47 @@ class FeatureTaps:
 
     The hooks stay attached until :meth:`remove`; each forward overwrites the stored tensors, and
     :meth:`pop` hands them over (and forgets them, so no graph is kept alive between steps).
-    ``"logits"`` is not hooked: the caller adds the network's output itself.
+    ``"logits"`` is not hooked: the caller adds the network's output itself. An input tap is captured before its
+    module runs (a forward pre-hook).
+
+    Networks that compute in place (torchvision's ResNets: ``ReLU(inplace=True)``, ``out += identity``) overwrite a
+    tapped tensor after it was captured, so the tap would read a later value (the input of ``relu`` would read its
+    output). :meth:`pop` notices it (the tensor's version counter moved) and from then on that tap keeps a copy taken
+    when it is captured; the probe forward a :class:`~lightning_kd.core.Distillation` makes at construction finds
+    such taps before any training step.
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[str]) -> None:
         self.features: dict[str, Tensor] = {}
+        self.versions: dict[str, int] = {}
+        self._captures: dict[str, _Capture] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         modules = dict(model.named_modules())
         for tap in dict.fromkeys(taps):  # unique, in order
             path, capture_input = resolve_tap(model, tap)
             if not path:
                 continue
-            self._handles.append(self._attach(modules[path], tap, capture_input))
-
-    def _attach(self, module: nn.Module, tap: str, capture_input: bool) -> torch.utils.hooks.RemovableHandle:
-        return module.register_forward_hook(_Capture(self.features, tap, capture_input))
+            capture = _Capture(self.features, self.versions, tap, capture_input)
+            self._captures[tap] = capture
+            module = modules[path]
+            hook = module.register_forward_pre_hook if capture_input else module.register_forward_hook
+            self._handles.append(hook(capture))
 
     def pop(self) -> dict[str, Tensor]:
         """Return the tensors captured by the last forward and forget them."""
+        for tap, value in self.features.items():
+            # Tensor._version counts in-place writes: the only way to see that a captured tensor was overwritten
+            if value._version != self.versions.get(tap) and not self._captures[tap].copy:
+                self._captures[tap].copy = True
+                log.info("Tap %r is overwritten in place after it is read: it keeps a copy from now on.", tap)
         features = dict(self.features)
         self.features.clear()
         return features
+
+    @property
+    def copied(self) -> list[str]:
+        """The taps that keep a copy because their network overwrites them in place."""
+        return [tap for tap, capture in self._captures.items() if capture.copy]
 
     def remove(self) -> None:
         """Detach every hook; the network is left exactly as it was."""
@@ -129,10 +152,16 @@ class FeatureTaps:
 
 
 class _Capture:
-    """The hook itself: a small picklable object (``ddp_spawn`` pickles the module with its hooks)."""
+    """The hook itself: a small picklable object (``ddp_spawn`` pickles the module with its hooks). Registered as
+    a forward pre-hook for an input tap (``(module, args)``), as a forward hook otherwise (``(module, args, out)``)."""
 
-    def __init__(self, store: dict[str, Tensor], tap: str, capture_input: bool) -> None:
-        self.store, self.tap, self.capture_input = store, tap, capture_input
+    def __init__(self, store: dict[str, Tensor], versions: dict[str, int], tap: str, capture_input: bool) -> None:
+        self.store, self.versions, self.tap, self.capture_input = store, versions, tap, capture_input
+        self.copy = False
 
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
-        self.store[self.tap] = args[0] if self.capture_input else output
+    def __call__(self, module: nn.Module, args: tuple, output: object = None) -> None:
+        value = args[0] if self.capture_input else output
+        if self.copy:
+            value = value.clone()
+        self.store[self.tap] = value
+        self.versions[self.tap] = value._version
