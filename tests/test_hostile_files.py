@@ -191,6 +191,7 @@ def test_cli_refuses_a_pickle_payload(files: dict[str, Path], no_marker: Path, t
     assert result.returncode != 0 and REFUSED in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # torch's own "corrupted" error, the Python API's test above, through a subprocess
 def test_cli_truncated_checkpoint_is_a_clear_error(files: dict[str, Path], tmp_path: Path) -> None:
     result = _cli(str(files["truncated"]), tmp_path)
     assert result.returncode != 0 and "corrupted" in result.stderr, result.stderr[-3000:]
