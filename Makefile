@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OUT ?= outputs/demo
 
-.PHONY: install test test-slow demo bench reproduce clean
+SEEDS ?= 0,1,2
+
+.PHONY: install test test-slow demo bench reproduce report clean
 
 install: $(STAMP)
 
@@ -30,8 +32,11 @@ bench: install
 	$(PY) benchmarks/bench_overhead.py --options
 	$(PY) benchmarks/bench_data.py
 
-reproduce: install
-	$(PY) -m lightning_kd.reproduce
+reproduce: install   # the CIFAR-100 runs; ARGS="--slurm --partition gpu --time 24:00:00" writes the job array
+	$(PY) -m lightning_kd.reproduce --seeds $(SEEDS) $(ARGS)
+
+report: install   # the results table of the finished runs under outputs/
+	$(PY) -m lightning_kd.report outputs --output outputs/report
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs .pytest_cache
