@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import ROOT, make_trainer
 from torch.utils.data import TensorDataset
 
@@ -337,8 +338,10 @@ def test_command_builds_from_a_fit_config(tmp_path: Path, teacher_file: Path, ca
     argv = ["--config", str(ROOT / "configs/digits/base.yaml"), "--config", str(config),
             f"--model.teacher_checkpoint={teacher_file}", "--data.train_subset", "10", "--data.data_seed=3",
             "--chunk-images", "16"]
-    assert read_config([argv[1], argv[3]], argv[4:8])["data"]["init_args"] == {"batch_size": 64, "size": 16,
-                                                                              "train_subset": 10, "data_seed": 3}
+    base = yaml.safe_load((ROOT / "configs/digits/base.yaml").read_text())["data"]["init_args"]
+    merged = read_config([argv[1], argv[3]], argv[4:8])
+    assert merged["data"]["init_args"] == {**base, "train_subset": 10, "data_seed": 3}
+    assert merged["model"]["teacher"] == "resnet8" and merged["model"]["num_classes"] == 10
     cache_main(argv)
     out = capsys.readouterr()
     assert "100 images x 25 views (shift, padding 2, 1 flip state) x 10 classes, float16: 50,000 bytes" in out.out

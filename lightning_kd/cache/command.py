@@ -171,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="fp16 (default, half the size, relative error <= 2^-11) or fp32 (exact)")
     parser.add_argument("--devices", type=int, default=1, help="processes filling disjoint ranges of images")
     parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=int, default=512, help="views per teacher forward (default 512)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="views per teacher forward (default: 512 on CUDA, 64 on the CPU)")
     parser.add_argument("--chunk-images", type=int, default=None,
                         help="images per chunk, the unit of resume (default: about 8,192 views)")
     args, overrides = parser.parse_known_args(argv)
