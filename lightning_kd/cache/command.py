@@ -132,7 +132,8 @@ class _Announce:
             (f"  {n:,} images x {per_image} views ({aug['kind']}, padding {aug['padding']}, {aug['flips']} flip "
              f"state{'s' if aug['flips'] > 1 else ''}) x {classes} classes, {manifest['dtype']}: "
              f"{manifest['bytes']:,} bytes ({_size(manifest['bytes'])})"),
-            f"  {n * per_image:,} teacher forwards in {total} chunks of {manifest['chunk_images']} images",
+            f"  {n * per_image:,} teacher forwards in {total} chunk{'s' if total != 1 else ''} of at most "
+            f"{manifest['chunk_images']} images",
         ]
         if manifest["complete"]:
             lines.append("  already complete: nothing to do")
@@ -171,8 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="fp16 (default, half the size, relative error <= 2^-11) or fp32 (exact)")
     parser.add_argument("--devices", type=int, default=1, help="processes filling disjoint ranges of images")
     parser.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="views per teacher forward (default: 512 on CUDA, 64 on the CPU)")
+    parser.add_argument("--batch-size", type=int, default=512, help="views per teacher forward (default 512)")
     parser.add_argument("--chunk-images", type=int, default=None,
                         help="images per chunk, the unit of resume (default: about 8,192 views)")
     args, overrides = parser.parse_known_args(argv)
