@@ -132,8 +132,8 @@ class _Announce:
             (f"  {n:,} images x {per_image} views ({aug['kind']}, padding {aug['padding']}, {aug['flips']} flip "
              f"state{'s' if aug['flips'] > 1 else ''}) x {classes} classes, {manifest['dtype']}: "
              f"{manifest['bytes']:,} bytes ({_size(manifest['bytes'])})"),
-            f"  {n * per_image:,} teacher forwards in {total} chunk{'s' if total != 1 else ''} of at most "
-            f"{manifest['chunk_images']} images",
+            (f"  {n * per_image:,} teacher forwards in {total} chunk{'s' if total != 1 else ''} of at most "
+             f"{manifest['chunk_images']} images"),
         ]
         if manifest["complete"]:
             lines.append("  already complete: nothing to do")
