@@ -6,11 +6,12 @@
     lightning-kd export RUN.ckpt --output student.pt [--format exported]
     lightning-kd layers resnet32x4 --input-size 3 32 32                        # every module path and its shape
     lightning-kd report outputs/ --output outputs/report                        # a results table from run folders
+    lightning-kd cache --config configs/digits/base.yaml --output outputs/digits/teacher-cache   # teacher outputs
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI over :class:`DistillationModule` (or a subclass) and the
 data modules: every option of a config can be overridden on the command line, ``lightning-kd fit --help`` lists
-them. The other commands are :mod:`lightning_kd.commands` (``export``, ``layers``) and
-:mod:`lightning_kd.report`.
+them. The other commands are :mod:`lightning_kd.commands` (``export``, ``layers``), :mod:`lightning_kd.report` and
+:mod:`lightning_kd.cache.command`.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ class DistillationCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._prepare_checkpoint()
+        cache = getattr(getattr(self.model, "core", None), "teacher_cache", None)
+        if cache is not None:  # refuse other data or augmentation before the run's folder is written
+            cache.check_data(self.datamodule)
 
     def before_validate(self) -> None:
         self._prepare_checkpoint()

@@ -212,20 +212,21 @@ def test_digits_module_batches() -> None:
     assert not plain.provides_indices
     plain.setup()
     batch = next(iter(plain.train_dataloader()))
-    assert set(batch) == {"image", "label"} and batch["image"].shape == (8, 3, 16, 16)
+    view = {"index", "crop_top", "crop_left", "flip"}  # every training batch says which view of which image it holds
+    assert set(batch) == {"image", "label"} | view and batch["image"].shape == (8, 3, 16, 16)
     # 60% of 1,797 after the validation and test splits (20% each)
     assert plain.num_samples == len(plain.train_set) and 1050 < plain.num_samples < 1110
 
     indexed = DigitsDataModule(size=16, batch_size=8, return_index=True)
     assert indexed.provides_indices
     indexed.setup()
-    assert set(next(iter(indexed.train_dataloader()))) == {"image", "label", "index"}
+    assert set(next(iter(indexed.train_dataloader()))) == {"image", "label"} | view
 
     crd = DigitsDataModule(size=16, batch_size=8, contrast_negatives=32)
     assert crd.provides_indices
     crd.setup()
     batch = next(iter(crd.train_dataloader()))
-    assert set(batch) == {"image", "label", "index", "contrast_index"}
+    assert set(batch) == {"image", "label", "contrast_index"} | view
     assert batch["contrast_index"].shape == (8, 33)
     assert torch.equal(batch["contrast_index"][:, 0], batch["index"])
     train_labels = crd.train_set.dataset.labels

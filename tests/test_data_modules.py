@@ -116,7 +116,8 @@ def test_digits_shift_and_strong_view() -> None:
                    for dy in range(9) for dx in range(9)]
         assert any(bool(((strong == s) | (strong == background)).all()) for s in shifted), index
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "label", "image_strong"} and batch["image_strong"].shape == (8, 3, 16, 16)
+    view = {"index", "crop_top", "crop_left", "flip"}
+    assert set(batch) == {"image", "label", "image_strong"} | view and batch["image_strong"].shape == (8, 3, 16, 16)
     assert set(next(iter(dm.val_dataloader()))) == {"image", "label"}
 
 
