@@ -45,13 +45,18 @@ def test_unknown_path_names_close_matches() -> None:
         resolve_tap(net, "stage9")
 
 
+def _hooks(net: nn.Module) -> int:
+    """Forward hooks and forward pre-hooks (an input tap is captured before its module runs)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
+
+
 def test_remove_leaves_the_network_clean() -> None:
     net = create_model("resnet8", num_classes=10)
-    before = sum(len(m._forward_hooks) for m in net.modules())
+    before = _hooks(net)
     taps = FeatureTaps(net, ["layer1", "layer2", "fc:input"])
-    assert sum(len(m._forward_hooks) for m in net.modules()) == before + 3
+    assert _hooks(net) == before + 3
     taps.remove()
-    assert sum(len(m._forward_hooks) for m in net.modules()) == before
+    assert _hooks(net) == before
     net(torch.randn(1, 3, 32, 32))
     assert taps.features == {}
 
