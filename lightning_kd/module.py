@@ -224,7 +224,13 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.train(True)
 
+    def on_train_epoch_start(self) -> None:
+        self._select_stage()  # callbacks' batch hooks see the epoch's stage
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._select_stage()  # also after a resume inside an epoch, where Lightning starts no epoch
+
+    def _select_stage(self) -> None:
         """Select the stage and the distillers' epoch; a new stage starts in the optimizer with a fresh state."""
         scheduler = self.lr_schedulers()
         scheduler = None if isinstance(scheduler, list) else scheduler

@@ -68,16 +68,6 @@ def test_digits_config_builds(method: str) -> None:
     assert [s.name for s in model.stages] == (["fsp_init", "main"] if method == "fsp" else ["main"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the composed digits configs log every method into outputs/digits/logs/version_N (configs/digits/base.yaml):"
-    " nothing in a run's folder names its method any more",
-)
-def test_digits_run_logs_under_its_method_name() -> None:
-    cli = run_cli([*digits_config_args("at"), "--model.teacher_checkpoint=null"], run=False)
-    assert cli.trainer.logger.save_dir == "outputs/digits/at"
-
-
 EXPECTED_METHOD_CONFIGS = {
     "kd": (KD, 0.1, {"weight": 0.9, "temperature": 4.0}),
     "fitnet": (FitNet, 1.0, {"weight": 100.0}),

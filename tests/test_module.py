@@ -229,12 +229,6 @@ class _StageAtBatchStart(Callback):
         self.seen.append((trainer.current_epoch, module.current_stage.name))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the module selects the epoch's stage in its own on_train_batch_start, which Lightning calls after the "
-    "callbacks': at the first batch of a new stage a callback still sees the previous stage (the stage used to "
-    "change in on_train_epoch_start)",
-)
 def test_callbacks_see_the_stage_of_the_epoch_at_batch_start() -> None:
     module = DistillationModule("resnet8", teacher="resnet8", distillers=[AB(stage_epochs=1)], **SMALL)
     watch = _StageAtBatchStart()
