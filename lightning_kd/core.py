@@ -58,10 +58,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LossTerms:
-    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``."""
+    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``; ``monitors`` are values
+    watched but not trained on (the student's cross-entropy during an initialisation stage)."""
 
     losses: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    monitors: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, name: str, value: Tensor, weight: float) -> None:
         self.losses[name] = value
@@ -383,6 +385,9 @@ class Distillation(nn.Module):
         terms = LossTerms()
         if stage.distiller is not None:
             terms.add(stage.name, stage.distiller.stage_loss(*features(stage.distiller), batch), 1.0)
+            if student:  # a stage can wreck the student while its own loss falls: its cross-entropy shows it
+                with torch.no_grad():
+                    terms.monitors["ce"] = F.cross_entropy(student[LOGITS].float(), batch["label"])
             return terms
         if self.task_loss_weight:
             terms.add("ce", F.cross_entropy(student[LOGITS].float(), batch["label"]), self.task_loss_weight)

@@ -76,11 +76,14 @@ def non_finite_error(
 
 
 class DivergenceGuard:
-    """Stops a fit whose loss grows by an order of magnitude within a stage.
+    """Stops a fit whose losses grow by an order of magnitude within an initialisation stage.
 
-    After every epoch it compares the epoch's mean loss with the lowest epoch mean of the current stage so far; a
-    mean ``factor`` times higher (10 by default) means the stage diverged (an FSP initialisation stage at too high
-    a learning rate went 101 -> 58 -> 120 -> 252 -> 771 and left the student at 24.5 % after its main stage).
+    After every epoch it compares each watched epoch mean (the total loss, and the student's cross-entropy, which
+    an initialisation stage does not train on but can wreck) with its lowest epoch mean in the current stage; a mean
+    ``factor`` times higher (10 by default) means the stage diverged: an FSP initialisation stage at too high a
+    learning rate went 101 -> 58 -> 120 -> 252 -> 771 and left the student at 24.5 % after its main stage. A stage
+    that wrecks the student's BatchNorm statistics without either mean growing shows as non-finite values, which
+    the module's finiteness check reports.
 
     Args:
         factor: the growth that counts as divergence; ``None`` turns the check off.
@@ -90,35 +93,42 @@ class DivergenceGuard:
         if factor is not None and not factor > 1:
             raise ValueError(f"divergence_factor must be > 1 (or None to turn the check off), got {factor}")
         self.factor = factor
-        self.best: float | None = None
+        self.best: dict[str, float] = {}
 
     def new_stage(self) -> None:
-        """Forget the previous stage's losses (a new stage has another loss)."""
-        self.best = None
+        """Forget the previous stage's values (a new stage has other losses)."""
+        self.best = {}
 
-    def check(self, epoch_loss: float, epoch: int, stage: Any) -> None:
-        """Record one epoch's mean loss; raise :class:`StageDivergedError` when it diverged."""
-        if self.factor is None or not math.isfinite(epoch_loss):
+    def check(self, epoch_means: dict[str, float], epoch: int, stage: Any) -> None:
+        """Record one epoch's means; raise :class:`StageDivergedError` when one of them diverged."""
+        if self.factor is None:
             return
-        if self.best is not None and epoch_loss > self.factor * max(self.best, 1e-12):
-            name = getattr(stage, "name", str(stage))
-            advice = (
-                f"lower its learning rate (stage_lr of the distiller, e.g. {name.removesuffix('_init')}'s stage_lr)"
-                if not getattr(stage, "is_main", True)
-                else "lower the learning rate"
-            )
-            raise StageDivergedError(
-                f"stage {name!r} diverged: its mean loss in epoch {epoch} is {epoch_loss:.4g}, more than "
-                f"{self.factor:g}x its best epoch so far ({self.best:.4g}); {advice}, or pass "
-                "divergence_factor=null to go on anyway"
-            )
-        self.best = epoch_loss if self.best is None else min(self.best, epoch_loss)
+        for name, value in epoch_means.items():
+            if not math.isfinite(value):
+                continue
+            best = self.best.get(name)
+            if best is not None and value > self.factor * max(best, 1e-12):
+                raise self._error(name, value, best, epoch, stage)
+            self.best[name] = value if best is None else min(best, value)
+
+    def _error(self, name: str, value: float, best: float, epoch: int, stage: Any) -> StageDivergedError:
+        stage_name = getattr(stage, "name", str(stage))
+        if getattr(stage, "is_main", True):
+            advice = "lower the learning rate"
+        else:
+            advice = f"lower the stage's learning rate (stage_lr of {stage_name.removesuffix('_init')})"
+        what = "the student's cross-entropy" if name == "ce" else f"the mean {name}"
+        return StageDivergedError(
+            f"stage {stage_name!r} diverged: {what} in epoch {epoch} is {value:.4g}, more than {self.factor:g}x its "
+            f"best epoch so far ({best:.4g}); {advice}, or pass divergence_factor=null to go on anyway"
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {"best": dict(self.best)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
+        best = state.get("best")
+        self.best = dict(best) if isinstance(best, dict) else {}
 
 
 class StageDivergedError(FloatingPointError):
