@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import ROOT, make_trainer
 from lightning_kd import DistillationModule
@@ -152,7 +153,7 @@ def test_skipped_batch_leaves_no_trace() -> None:
             if batch_idx == 2:
                 snapshots["after"] = _state(trainer, pl_module)
 
-    make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Snap()]).fit(module, train_dataloaders=batches)
+    make_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Snap()]).fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert module.skipped_batches == 1
     before, after = snapshots["before"], snapshots["after"]
     assert before.keys() == after.keys()
