@@ -32,7 +32,6 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from lightning_kd.batch import IMAGE, VIEW_SEPARATOR, Batch, as_batch, split_view
 from lightning_kd.cache.serve import serve_teacher_cache
 from lightning_kd.checkpoints import fingerprint, load_into
+from lightning_kd.core_parts import _eval_mode, _num_outputs, _Revert
 from lightning_kd.distillers.base import (
     Distiller,
     check_weight,
@@ -50,29 +50,12 @@ from lightning_kd.distillers.base import (
     resolve_layers,
 )
 from lightning_kd.hparams import instantiate
+from lightning_kd.loss_terms import LossTerms
 from lightning_kd.models import build_network, feature_module_paths
 from lightning_kd.stages import Stage, active_stage, enter_stage, plan_stages, stage_at
 from lightning_kd.taps import LOGITS, FeatureTaps
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class LossTerms:
-    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``; ``monitors`` are values
-    watched but not trained on (the student's cross-entropy during an initialisation stage)."""
-
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
-    monitors: dict[str, Tensor] = field(default_factory=dict)
-
-    def add(self, name: str, value: Tensor, weight: float) -> None:
-        self.losses[name] = value
-        self.weights[name] = weight
-
-    @property
-    def total(self) -> Tensor:
-        """``sum_i weights[i] * losses[i]``."""
-        return sum(self.weights[name] * value for name, value in self.losses.items())  # type: ignore[return-value]
 
 
 class Distillation(nn.Module):
@@ -427,37 +410,3 @@ class Distillation(nn.Module):
     def export_student(self, path: str | os.PathLike) -> None:
         """Write the student alone as a plain state dict (load it with ``weights_only=True``)."""
         torch.save({k: v.detach().cpu() for k, v in self.student.state_dict().items()}, path)
-
-
-class _Revert:
-    """Undo handle of :meth:`Distillation.revertible`."""
-
-    def __init__(self, buffers: list[Tensor], saved: list[Tensor], distillers: list[Distiller], states: list) -> None:
-        self.buffers, self.saved, self.distillers, self.states = buffers, saved, distillers, states
-
-    @torch.no_grad()
-    def revert(self) -> None:
-        for buffer, value in zip(self.buffers, self.saved):
-            buffer.copy_(value)
-        for distiller, state in zip(self.distillers, self.states):
-            distiller.restore_state(state)
-
-
-@contextmanager
-def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
-    modes = [(m, m.training) for m in modules if m is not None]
-    for module, _ in modes:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.train(mode)
-
-
-def _num_outputs(logits: Tensor, who: str) -> int:
-    if logits.dim() != 2:
-        raise ValueError(f"the {who} must return (batch, classes) logits, returned shape {tuple(logits.shape)}")
-    return int(logits.shape[1])
-
-
