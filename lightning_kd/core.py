@@ -368,9 +368,6 @@ class Distillation(nn.Module):
         terms = LossTerms()
         if stage.distiller is not None:
             terms.add(stage.name, stage.distiller.stage_loss(*features(stage.distiller), batch), 1.0)
-            if student:  # a stage can wreck the student while its own loss falls: its cross-entropy shows it
-                with torch.no_grad():
-                    terms.monitors["ce"] = F.cross_entropy(student[LOGITS].float(), batch["label"])
             return terms
         if self.task_loss_weight:
             terms.add("ce", F.cross_entropy(student[LOGITS].float(), batch["label"]), self.task_loss_weight)

@@ -78,12 +78,11 @@ def non_finite_error(
 class DivergenceGuard:
     """Stops a fit whose losses grow by an order of magnitude within an initialisation stage.
 
-    After every epoch it compares each watched epoch mean (the total loss, and the student's cross-entropy, which
-    an initialisation stage does not train on but can wreck) with its lowest epoch mean in the current stage; a mean
-    ``factor`` times higher (10 by default) means the stage diverged: an FSP initialisation stage at too high a
-    learning rate went 101 -> 58 -> 120 -> 252 -> 771 and left the student at 24.5 % after its main stage. A stage
-    that wrecks the student's BatchNorm statistics without either mean growing shows as non-finite values, which
-    the module's finiteness check reports.
+    After every epoch of an initialisation stage it compares each watched epoch mean (the stage's loss) with its
+    lowest epoch mean in the current stage; a mean ``factor`` times higher (10 by default) means the stage diverged:
+    an FSP initialisation stage at too high a learning rate went 101 -> 58 -> 120 -> 252 -> 771 and left the student
+    at 24.5 % after its main stage. A stage that wrecks the student's BatchNorm statistics without its loss growing
+    shows as non-finite values, which the module's finiteness check reports.
 
     Args:
         factor: the growth that counts as divergence; ``None`` turns the check off.
@@ -117,7 +116,7 @@ class DivergenceGuard:
             advice = "lower the learning rate"
         else:
             advice = f"lower the stage's learning rate (stage_lr of {stage_name.removesuffix('_init')})"
-        what = "the student's cross-entropy" if name == "ce" else f"the mean {name}"
+        what = f"the mean {name}"
         return StageDivergedError(
             f"stage {stage_name!r} diverged: {what} in epoch {epoch} is {value:.4g}, more than {self.factor:g}x its "
             f"best epoch so far ({best:.4g}); {advice}, or pass divergence_factor=null to go on anyway"

@@ -9,12 +9,10 @@ from torch import Tensor
 
 @dataclass
 class LossTerms:
-    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``; ``monitors`` are values
-    watched but not trained on (the student's cross-entropy during an initialisation stage)."""
+    """The loss terms of one batch: ``losses[name]`` (scalar tensors) and their ``weights``."""
 
     losses: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
-    monitors: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, name: str, value: Tensor, weight: float) -> None:
         self.losses[name] = value

@@ -13,7 +13,8 @@ Run from the repository root (or pass ``--configs``). The runs, in the order the
    land in the run folder (``<teacher>.ckpt``), and the cells distil from the ``--teacher-seed`` one (default: the
    first seed);
 2. **students**: each student alone (``configs/cifar100/student.yaml`` with the network and, for MobileNetV2 and
-   the ShuffleNets, lr 0.01; digits: ``configs/digits/student.yaml``), the table's baseline column;
+   the ShuffleNets, lr 0.01; digits: ``configs/digits/base.yaml`` + ``configs/digits/student.yaml``), the table's
+   baseline column;
 3. **cells**: every pair x method, ``--config configs/cifar100/pairs/<pair>.yaml --config configs/methods/<m>.yaml``
    and ``--config configs/cifar100/overrides/<m>/<pair>.yaml`` when that file exists (digits:
    ``configs/digits/base.yaml``, the method, ``configs/digits/overrides/<m>.yaml`` when it exists).

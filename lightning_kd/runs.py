@@ -265,18 +265,16 @@ def build_runs(
         students = dict.fromkeys(_networks(p)[1] for p in pair_configs.values())
         for student in students:
             if benchmark == "cifar100":
-                path = root / "cifar100" / "student.yaml"
+                files = ((root / "cifar100" / "student.yaml").as_posix(),)
                 options = [f"--model.student={student}"]
                 if student in SMALL_LR_STUDENTS:
                     options.append(f"--model.optimizer.init_args.lr={SMALL_LR_STUDENTS[student]}")
-            else:
-                path = root / "digits" / "student.yaml"
+            else:  # the digits student alone is the digits pair without its teacher and distillers
+                files = tuple(p.as_posix() for p in (root / "digits" / "base.yaml", root / "digits" / "student.yaml"))
                 options = []
-                if _network(path) != student:
-                    options.append(f"--model.student={student}")
             for seed in seeds:
                 where = folder(student, "student", seed)
-                runs.append(Run(benchmark, "students", student, "student", seed, (path.as_posix(),), tuple(options),
+                runs.append(Run(benchmark, "students", student, "student", seed, files, tuple(options),
                                 where, resume_from=f"{where}/checkpoints/last.ckpt", extra=extra))  # fmt: skip
     if "cells" in sections:
         for pair, path in pair_configs.items():

@@ -79,7 +79,7 @@ def _args(config: str, tmp_path: Path, *overrides: str) -> list[str]:
         sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args(config),
         "--model.teacher_checkpoint=null", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=true",
+        "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=true", "--trainer.check_val_every_n_epoch=1",
         # every training image, whatever the digits runs use: a fit of a few steps stops inside an epoch, before
         # any validation forward (in which DDP would copy rank 0's BatchNorm statistics to the other ranks)
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--data.batch_size=16", "--data.train_subset=null",

@@ -63,7 +63,7 @@ def test_digits_fit_writes_a_finished_record_with_the_csv_curve(tmp_path: Path) 
         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={folder}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={folder}", "--trainer.logger.name=", "--trainer.logger.version=",
-        "--seed_everything=7",  # the random teacher is the same in the test command
+        "--trainer.check_val_every_n_epoch=1", "--seed_everything=7",  # the random teacher is the same in the test command
     ]  # fmt: skip
     cli = run_cli(["fit", *common, "--trainer.max_epochs=3"])
     record = read_record(folder)

@@ -163,7 +163,8 @@ def test_a_real_digits_run_folder(tmp_path: Path) -> None:
 
     folder = tmp_path / "runs" / "student-alone"
     run_cli([
-        "fit", "--config", str(ROOT / "configs" / "digits" / "student.yaml"), "--trainer.max_epochs=2",
+        "fit", "--config", str(ROOT / "configs" / "digits" / "base.yaml"), "--config",
+        str(ROOT / "configs" / "digits" / "student.yaml"), "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1",
         "--data.init_args.batch_size=16", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}",

@@ -139,7 +139,7 @@ def test_the_digits_runs(tmp_path: Path) -> None:
     assert _configs(teacher.args()) == [f"{digits}/teacher.yaml"]
     assert teacher.checkpoint == f"{tmp_path}/digits/resnet56/teacher/seed0/teacher.ckpt"
     assert (student.pair, student.method) == ("resnet8", "student")
-    assert _configs(student.args()) == [f"{digits}/student.yaml"]
+    assert _configs(student.args()) == [f"{digits}/base.yaml", f"{digits}/student.yaml"]
     methods = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
     assert sorted(c.method for c in cells) == methods and {c.pair for c in cells} == {"resnet56-resnet8"}
     for cell in cells:

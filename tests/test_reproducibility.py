@@ -61,7 +61,8 @@ def test_two_command_line_runs_give_the_same_student(tmp_path: Path, cli_env: di
         result = subprocess.run(
             [sys.executable, "-m", "lightning_kd.cli", "fit", *digits_config_args("kd"), "--model.teacher=resnet14",
              f"--model.teacher_checkpoint={tmp_path / 'teacher.pt'}", "--trainer.max_epochs=2",
-             "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={folder}",
+             "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1",
+             f"--trainer.default_root_dir={folder}",
              f"--trainer.logger.init_args.save_dir={folder}", "--trainer.enable_progress_bar=false"],
             cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip

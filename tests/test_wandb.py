@@ -145,6 +145,7 @@ def test_offline_fit_logs_the_loss_components(tmp_path: Path, counter: _Connecti
         "--config", str(CONFIG),
         "--model.teacher_checkpoint=null",
         "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
         "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=2",
         "--trainer.log_every_n_steps=1",
