@@ -77,7 +77,18 @@ def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module) -> None:
     """Before Lightning loads ``path`` into ``module``: the checkpoint's weights must fit the module's (a teacher's
     checkpoint given to resume a distillation is the common mistake). Raises one short :class:`CheckpointError`
     instead of thousands of characters of key names."""
-    state = load_weights_file(path)["state_dict"]
+    loaded = load_weights_file(path)
+    saved_by_library = loaded.get("lightning_kd")
+    if (
+        isinstance(saved_by_library, dict)
+        and saved_by_library.get("teacher_fingerprint") is None
+        and getattr(module, "teacher", None) is not None
+    ):
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is the checkpoint of a network trained alone (a teacher run?), not of a "
+            "distillation: give it as model.teacher_checkpoint and start the distillation without --ckpt_path"
+        )
+    state = loaded["state_dict"]
     own = module.state_dict()
     relevant = {k for k in own if not k.startswith("teacher.")}
     saved = {k for k in state if not k.startswith("teacher.")}

@@ -105,6 +105,13 @@ class DistillationCLI(LightningCLI):
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the configured model's arguments by the hyperparameters saved in the
+        ``--ckpt_path`` checkpoint. Here the command line decides: otherwise a teacher run's checkpoint would
+        silently turn a distillation into more epochs of the teacher's own fit, a checkpoint of another run would
+        switch the networks, and overrides such as ``--model.allow_teacher_change`` would be dropped. The
+        checkpoint is checked against the configured model instead (:meth:`_prepare_checkpoint`)."""
+
     # --- --ckpt_path: checked before Lightning reads it; an exported student is loaded into the student -------
     def _prepare_checkpoint(self) -> None:
         arguments = self.config_init[self.subcommand]
@@ -183,9 +190,25 @@ def main(args: list[str] | None = None) -> None:
             getattr(importlib.import_module(module_name), function)(argv[1:])
             return
         run_cli(args)  # None: LightningCLI reads sys.argv itself
-    except USER_ERRORS as error:
-        print(f"lightning-kd: error: {error}", file=sys.stderr)  # noqa: T201 - the command's own error line
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        print(f"lightning-kd: error: {user_error}", file=sys.stderr)  # noqa: T201 - the command's own error line
         raise SystemExit(1) from None
+
+
+def _user_error(error: BaseException | None) -> BaseException | None:
+    """The library's own error (:data:`USER_ERRORS`) that ``error`` is or was raised from: jsonargparse wraps an
+    error raised while it builds the model (a tap the network does not have, an unreadable teacher_checkpoint) in
+    a ValueError that lists the whole config."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,7 @@ from lightning_kd.finite import DeferredFiniteCheck, DivergenceGuard
 from lightning_kd.hparams import clean_module_hparams
 from lightning_kd.loss_log import EpochMeans, is_logging_step
 from lightning_kd.stages import MAIN, active_lr, enter_stage, silence_idle_groups
-from lightning_kd.taps import LOGITS
+from lightning_kd.taps import LOGITS, TapError, layers_hint
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users
@@ -104,11 +104,14 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if nan_policy not in ("raise", "skip", "ignore"):
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}")
-        core = Distillation(
-            student, teacher, distillers, task_loss_weight, teacher_checkpoint, student_checkpoint, num_classes,
-            input_size, teacher_precision, student_feature_paths, teacher_feature_paths, stage_lr,
-            teacher_cache=teacher_cache, cache_verify_fraction=cache_verify_fraction,
-        )  # fmt: skip
+        try:
+            core = Distillation(
+                student, teacher, distillers, task_loss_weight, teacher_checkpoint, student_checkpoint, num_classes,
+                input_size, teacher_precision, student_feature_paths, teacher_feature_paths, stage_lr,
+                teacher_cache=teacher_cache, cache_verify_fraction=cache_verify_fraction,
+            )  # fmt: skip
+        except TapError as error:  # e.g. a method's default layers on a network without symbolic names
+            raise layers_hint(error, {"student": student, "teacher": teacher}, num_classes, input_size) from None
         self.save_hyperparameters(logger=True)  # they rebuild the module (load_from_checkpoint) and reach the loggers
         clean_module_hparams(self.hparams, list(core.distillers))
         # the core's parts are this module's children (checkpoint keys student.*, teacher.*, distillers.*); the

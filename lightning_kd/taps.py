@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,31 @@ GROUPS = {"stages": "stage", "preacts": "preact", "last_stage": "stage", "last_p
 
 class TapError(ValueError):
     """A tap names a point that does not exist in the network."""
+
+    #: ``"student"`` or ``"teacher"``: the network whose tap failed, when known (set by ``resolve_layers``)
+    role: str | None = None
+
+
+def layers_hint(error: TapError, specs: dict[str, object], num_classes: int, input_size: Sequence[int]) -> TapError:
+    """``error`` with the command that lists the failing network's module paths and shapes appended: for any
+    network without the symbolic names a distiller's default layers use, the user has to name layers."""
+    spec = specs.get(error.role or "")
+    if isinstance(spec, str):
+        name = spec
+    elif isinstance(spec, Mapping) and isinstance(spec.get("class_path"), str):
+        name = spec["class_path"]
+    elif isinstance(getattr(spec, "class_path", None), str):  # a config namespace
+        name = spec.class_path  # type: ignore[union-attr]
+    else:
+        name = "NETWORK"
+    size = " ".join(str(int(v)) for v in input_size)
+    who = f"the {error.role}'s" if error.role else "a network's"
+    hinted = TapError(
+        f"{str(error).rstrip('.')}. To list {who} module paths and output shapes: "
+        f"lightning-kd layers {name} --num-classes {num_classes} --input-size {size}"
+    )
+    hinted.role = error.role
+    return hinted
 
 
 def _numbered(feature_paths: dict[str, str], prefix: str) -> list[str]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightning_kd.batch import VIEW_SEPARATOR, split_view
 from lightning_kd.distributed import gather_with_grad
 from lightning_kd.hparams import RemembersInit
-from lightning_kd.taps import expand_taps
+from lightning_kd.taps import TapError, expand_taps, resolve_tap
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +266,23 @@ def resolve_layers(distiller: Distiller, student: nn.Module, teacher: nn.Module 
             out += [name + suffix for name in expand_taps(network, [base])]
         return out
 
-    distiller.student_layers = expand(student, distiller.student_layers)
+    def resolved(network: nn.Module, taps: list[str], role: str) -> list[str]:
+        """The taps with groups expanded, each checked to exist (the error says on which network)."""
+        try:
+            out = expand(network, taps)
+            for tap in out:
+                resolve_tap(network, split_view(tap)[0])
+        except TapError as error:
+            error.role = role
+            raise
+        return out
+
+    distiller.student_layers = resolved(student, distiller.student_layers, "student")
     if not distiller.student_layers:
         raise ValueError(f"{distiller.name} reads no student layer: give student_layers at least one tap name")
     if teacher is None:
         return
-    distiller.teacher_layers = expand(teacher, distiller.teacher_layers)
+    distiller.teacher_layers = resolved(teacher, distiller.teacher_layers, "teacher")
     if distiller.paired_layers and len(distiller.student_layers) != len(distiller.teacher_layers):
         raise ValueError(
             f"{distiller.name} compares layers pairwise but reads {len(distiller.student_layers)} student layers "
