@@ -67,8 +67,8 @@ class DistillationModule(L.LightningModule):
             parameters, BatchNorm statistics, optimizer and distiller state exactly as before it, and count it in
             ``train/skipped``; single device only) or ``"ignore"``.
         divergence_factor: stop with an error when, in an initialisation stage, the epoch mean of the stage's loss
-            or of the student's cross-entropy (watched, not trained on) exceeds this many times its lowest so far:
-            a diverging stage would otherwise wreck the student; ``None`` turns the check off.
+            exceeds this many times its lowest so far (a diverging stage would otherwise wreck the student);
+            ``None`` turns the check off.
         channels_last: keep both networks and the images in the ``channels_last`` memory format.
         compile: ``torch.compile`` the student and the teacher in place when the fit starts.
         teacher_cache, cache_verify_fraction: serve the teacher's default-view logits from a teacher-output cache
@@ -263,9 +263,8 @@ class DistillationModule(L.LightningModule):
                 loss = loss + sum(p.reshape(-1)[0] for p in idle) * 0.0
         if self.nan_policy == "raise":  # "total" is named only when no term is non-finite itself
             checked = {**terms.losses, "total": loss} if len(terms.losses) > 1 else terms.losses
-            self.finite_check.record(self.global_step, self.current_epoch, self.core.stage.name,
-                                     {**checked, **terms.monitors})  # fmt: skip
-        self.epoch_means.add({**terms.losses, **terms.monitors, "loss": loss})
+            self.finite_check.record(self.global_step, self.current_epoch, self.core.stage.name, checked)
+        self.epoch_means.add({**terms.losses, "loss": loss})
         metrics = self._distiller_metrics()
         if metrics:  # e.g. CTKD's learnable temperature: its main diagnostic, logged every step
             self.log_dict(metrics, batch_size=batch["label"].shape[0])
@@ -275,8 +274,6 @@ class DistillationModule(L.LightningModule):
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
             for name, value in terms.losses.items():
                 self.log(f"train/{name}", value.detach(), prog_bar=len(terms.losses) > 1, batch_size=size)
-            for name, value in terms.monitors.items():
-                self.log(f"train/{name}", value, batch_size=size)
             self.log("train/lr", active_lr(self.trainer.optimizers[0], self.core.stage.name), batch_size=size)
             if len(self.stages) > 1:
                 self.log("train/stage", float(self.stages.index(self.core.stage)), batch_size=size)
@@ -302,9 +299,8 @@ class DistillationModule(L.LightningModule):
         means = self.epoch_means.pop()
         for name, value in means.items():
             self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
-        if not self.core.stage.is_main:  # main stages near convergence swing by large factors around tiny values
-            watched = {name: float(means[name]) for name in ("loss", "ce") if name in means}
-            self.divergence.check(watched, self.current_epoch, self.core.stage)
+        if "loss" in means and not self.core.stage.is_main:  # main stages swing around tiny values
+            self.divergence.check({"loss": float(means["loss"])}, self.current_epoch, self.core.stage)
 
     def on_train_end(self) -> None:
         self.finite_check.check()
