@@ -89,6 +89,8 @@ class DistillationCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if getattr(self, "held_ckpt_path", None):  # see parse_arguments
+            config["ckpt_path"] = self.held_ckpt_path
         trainer = config.get("trainer", {})
         callbacks = trainer.get("callbacks") or []
         names = [str(getattr(c, "class_path", c)) for c in callbacks]
@@ -105,12 +107,19 @@ class DistillationCLI(LightningCLI):
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI replaces the configured model's arguments by the hyperparameters saved in the
-        ``--ckpt_path`` checkpoint. Here the command line decides: otherwise a teacher run's checkpoint would
-        silently turn a distillation into more epochs of the teacher's own fit, a checkpoint of another run would
-        switch the networks, and overrides such as ``--model.allow_teacher_change`` would be dropped. The
-        checkpoint is checked against the configured model instead (:meth:`_prepare_checkpoint`)."""
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
+        """Parse, then hold ``--ckpt_path`` back until the classes are instantiated: LightningCLI would otherwise
+        replace the configured model's arguments by the hyperparameters saved in that checkpoint. Here the command
+        line decides: otherwise a teacher run's checkpoint would silently turn a distillation into more epochs of
+        the teacher's own fit, a checkpoint of another run would switch the networks, and overrides such as
+        ``--model.allow_teacher_change`` would be dropped. The checkpoint is checked against the configured model
+        instead (see ``check_resume_checkpoint``)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        arguments = self.config[subcommand] if subcommand else None
+        self.held_ckpt_path = arguments.get("ckpt_path") if arguments is not None else None
+        if self.held_ckpt_path:
+            arguments["ckpt_path"] = None
 
     # --- --ckpt_path: checked before Lightning reads it; an exported student is loaded into the student -------
     def _prepare_checkpoint(self) -> None:
