@@ -310,9 +310,10 @@ class Distillation(nn.Module):
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor]:
         """The teacher's logits and tapped features on ``images``: no grad, eval mode, in ``teacher_precision``."""
-        return self._teacher_features({IMAGE: images}, [IMAGE])
+        return self.teacher_features({IMAGE: images}, [IMAGE])
 
-    def _teacher_features(self, batch: Batch, views: Sequence[str]) -> dict[str, Tensor]:
+    def teacher_features(self, batch: Batch, views: Sequence[str]) -> dict[str, Tensor]:
+        """The teacher's outputs (``"logits"``, ``"tap@view"``) for the image ``views`` of a prepared batch."""
         with torch.no_grad():
             if self.teacher_precision == "same":
                 return self._run(self.teacher, self.teacher_taps, batch, views)
@@ -353,7 +354,7 @@ class Distillation(nn.Module):
         student = self._run(self.student, self.student_taps, prepared, views) if needs_student else {}
         if self.teacher_needed(stage):
             cache = self.teacher_cache  # looks up the default view's logits, runs the teacher on the other views
-            teacher = cache.features(self, prepared, views) if cache else self._teacher_features(prepared, views)
+            teacher = cache.features(self, prepared, views) if cache else self.teacher_features(prepared, views)
         else:
             teacher = {}
             if self.teacher_taps is not None:

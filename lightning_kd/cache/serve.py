@@ -138,7 +138,7 @@ class CacheServer:
         features = {LOGITS: logits}
         live = [v for v in views if v != IMAGE]
         if live:
-            features.update(core._teacher_features(batch, live))  # the core's own forward
+            features.update(core.teacher_features(batch, live))  # the core's own forward
         if self.verify_fraction:
             self._verify(core, images, logits)
         return features
@@ -148,7 +148,7 @@ class CacheServer:
         if not len(chosen):
             return
         rows = torch.as_tensor(chosen, device=images.device)
-        live = core._teacher_features({IMAGE: images.index_select(0, rows)}, [IMAGE])[LOGITS]
+        live = core.teacher_features({IMAGE: images.index_select(0, rows)}, [IMAGE])[LOGITS]
         error = (live.double() - logits.index_select(0, rows).double()).abs().max()
         self.max_abs_error = error if self.max_abs_error is None else torch.maximum(self.max_abs_error, error)
         self.verified += len(chosen)
