@@ -31,6 +31,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_overhead.py --options
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_cache.py
 
 reproduce: install   # the CIFAR-100 runs; ARGS="--slurm --partition gpu --time 24:00:00" writes the job array
 	$(PY) -m lightning_kd.reproduce --seeds $(SEEDS) $(ARGS)

@@ -225,3 +225,28 @@ def test_the_reference_distillers_are_the_registered_ones() -> None:
     assert harness.REFERENCE in list_distillers()
     assert all(harness.VARIANTS[key][0] in list_distillers() if key in harness.VARIANTS else key in list_distillers()
                for key in harness.TARGETED)  # fmt: skip
+
+
+def test_quick_cache_benchmark_builds_a_cache_and_compares_the_fits(tmp_path: Path) -> None:
+    output = tmp_path / "cache.md"
+    result = _run([
+        str(ROOT / "benchmarks" / "bench_cache.py"), "--quick", "--pair", "resnet8,resnet8", "--threads", "1",
+        "--tmp-dir", str(tmp_path), "--output", str(output),
+    ], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = output.read_text()
+    assert text in result.stdout  # the same report is printed
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.md"]  # the cache was built in a folder since removed
+    build = _table_rows(text, 3)
+    assert build["teacher forwards (images x views)"][1:] == ["1,296", "8,100,000"]  # 8 and 50,000 images x 162
+    for row in ("build time", "size on disk"):
+        assert re.fullmatch(r"[\d.,]+ (s|min|h|[kMG]B).*", build[row][1]) and build[row][2], build[row]
+    fits = _table_rows(text, 6)
+    assert list(fits) == ["fit", "live teacher", "teacher cache (fp16)", "student alone (ceiling)"], text
+    assert fits["live teacher"][3] == "1.000"
+    ratio = fits["teacher cache (fp16)"][3]
+    assert re.fullmatch(r"\d+\.\d+", ratio) and float(ratio) > 0, fits["teacher cache (fp16)"]
+    assert "first losses are the same" in text  # fp16 logits: the same KD loss within 1e-3
+    payoff = _table_rows(text, 2)
+    assert re.fullmatch(r"\d+\.\d+|never .*", payoff["runs to pay back the build"][1]), text
+    assert payoff["steps per run"][1] == "187,680"
