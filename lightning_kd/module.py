@@ -15,40 +15,32 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_kd import rng
 from lightning_kd.core import Distillation, as_batch
 from lightning_kd.distillers.base import Distiller
 from lightning_kd.finite import DeferredFiniteCheck, DivergenceGuard
 from lightning_kd.hparams import clean_module_hparams
 from lightning_kd.loss_log import EpochMeans, is_logging_step
+from lightning_kd.module_checkpoint import TEACHER_PREFIX, CheckpointHooks, TeacherMismatchError  # noqa: F401
+from lightning_kd.module_eval import EvaluationSteps
 from lightning_kd.stages import MAIN, active_lr, enter_stage, silence_idle_groups
-from lightning_kd.taps import LOGITS, TapError, layers_hint
+from lightning_kd.taps import TapError, layers_hint
 
 log = logging.getLogger(__name__)
 # the frozen teacher is in eval mode on purpose; Lightning's warning about it would only alarm users
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-TEACHER_PREFIX = "teacher."
-
 
 def reference_sgd(params: Iterable) -> torch.optim.Optimizer:
     """The CRD benchmark's optimizer: SGD, lr 0.05, momentum 0.9, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-class TeacherMismatchError(ValueError):
-    """A checkpoint was made with other teacher weights than the ones this module was built with."""
-
-
-class DistillationModule(L.LightningModule):
+class DistillationModule(EvaluationSteps, CheckpointHooks):
     """Distil a frozen teacher into a student with any list of distillers, under a Lightning ``Trainer``.
 
     Args:
@@ -304,86 +296,3 @@ class DistillationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.finite_check.check()
-
-    # ------------------------------------------------------------------------------------------------------
-    # evaluation and prediction
-    # ------------------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: Any, split: str) -> None:
-        batch = as_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        acc1, acc5, loss = (getattr(self, f"{split}_{name}") for name in ("acc1", "acc5", "loss"))
-        loss(F.cross_entropy(logits.float(), labels, reduction="none"))
-        acc1(logits, labels)
-        acc5(logits, labels)
-        self.log(f"{split}/loss", loss)
-        self.log(f"{split}/acc1", acc1, prog_bar=True)
-        self.log(f"{split}/acc5", acc5)
-        if split == "val" and not self.teacher_measured and not self.trainer.sanity_checking:
-            self.teacher_acc1(self.core.teacher_forward(images)[LOGITS], labels)
-            self.log("val/teacher_acc1", self.teacher_acc1)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.teacher_measured = True
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """The student's prediction per sample: ``logits``, ``probabilities``, ``prediction`` and, when the batch
-        has them, ``label`` and ``index``."""
-        batch = as_batch(batch)
-        logits = self(batch["image"]).float()
-        out = {"logits": logits, "probabilities": logits.softmax(dim=1), "prediction": logits.argmax(dim=1)}
-        out.update({key: batch[key] for key in ("label", "index") if key in batch})
-        return out
-
-    # ------------------------------------------------------------------------------------------------------
-    # checkpoints
-    # ------------------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.finite_check.check()  # never write weights that a non-finite loss has already updated
-        if not self.save_teacher:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
-                del state[key]
-        checkpoint["lightning_kd"] = {
-            "stage": self.core.stage.name,
-            "teacher_saved": self.save_teacher,
-            "teacher_fingerprint": self.teacher_fingerprint,
-            "skipped_batches": self.skipped_batches,
-            "divergence": self.divergence.state_dict(),
-            "epoch_means": self.epoch_means.state_dict(),
-            "rng": rng.capture(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        own = checkpoint.get("lightning_kd", {})
-        state = checkpoint["state_dict"]
-        if self.teacher is not None and not any(k.startswith(TEACHER_PREFIX) for k in state):
-            self._check_teacher(own.get("teacher_fingerprint"))
-            # the teacher was left out of the checkpoint: keep the one rebuilt from its source
-            state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
-        epoch = int(checkpoint.get("epoch", 0))
-        self.core.set_epoch(epoch)
-        self.skipped_batches = int(own.get("skipped_batches", 0))
-        if "divergence" in own:
-            self.divergence.load_state_dict(own["divergence"])
-        self.epoch_means.load_state_dict(own.get("epoch_means", {}))
-        self.teacher_measured = self.teacher is None
-        if "rng" in own:  # a resumed fit draws the same random numbers as an uninterrupted one
-            rng.restore(own["rng"])
-
-    def _check_teacher(self, saved: str | None) -> None:
-        if saved is None or saved == self.teacher_fingerprint or self.allow_teacher_change:
-            return
-        raise TeacherMismatchError(
-            f"this checkpoint was made with other teacher weights (fingerprint {saved[:12]}...) than the teacher "
-            f"this run built (fingerprint {self.teacher_fingerprint[:12]}..., from teacher_checkpoint="
-            f"{self.hparams.get('teacher_checkpoint')!r}): point model.teacher_checkpoint at the teacher the fit "
-            "used, or pass model.allow_teacher_change=true to continue with this one"
-        )
