@@ -41,6 +41,8 @@ TEACHER_CKPT = Path("outputs/digits/teacher/teacher.ckpt")
 #: a logit method, a newer logit method, a feature method, a relational method, the contrastive one
 DEFAULT_METHODS = ("kd", "dkd", "reviewkd", "pkt", "crd")
 STUDENT = "student"
+#: a cached teacher below this validation top-1 is trained again (a trained one scores about 0.97)
+MIN_TEACHER_TOP1 = 0.5
 TEACHER = "teacher"
 
 
@@ -68,6 +70,16 @@ def digits_config_args(method: str) -> list[str]:
     )
 
 
+def display_name(method: str) -> str:
+    """A method config's name as the papers write it.
+
+    >>> [display_name(m) for m in ("kd", "kd_ls", "reviewkd", "crd_kd")]
+    ['KD', 'KD+LS', 'ReviewKD', 'CRD+KD']
+    """
+    special = {"reviewkd": "ReviewKD", "fitnet": "FitNet", "crd_kd": "CRD+KD"}
+    return "+".join(special.get(part, part.upper()) for part in ([method] if method in special else method.split("_")))
+
+
 def command(method: str, seed: int) -> str:
     """The command line that reproduces one row's run (relative paths, from the repository root)."""
     args = [a.replace(str(ROOT) + "/", "") for a in digits_config_args(method)]
@@ -83,12 +95,13 @@ class Run:
     last: float
     best: float
     seconds: float
-    curve: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch counted from 1, validation top-1)
     train_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _curves(log_dir: str | Path | None) -> tuple[list[float], list[tuple[int, float]]]:
-    """From a CSV logger's metrics.csv: validation top-1 per epoch, and (step, cross-entropy) in training."""
+def _curves(log_dir: str | Path | None) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """From a CSV logger's metrics.csv: (epoch counted from 1, validation top-1) at every validation, and (step,
+    cross-entropy) in training."""
     if log_dir is None:
         return [], []
     path = Path(log_dir) / "metrics.csv"
@@ -96,7 +109,7 @@ def _curves(log_dir: str | Path | None) -> tuple[list[float], list[tuple[int, fl
         return [], []
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    val = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
+    val = [(int(r["epoch"]) + 1, float(r["val/acc1"])) for r in rows if r.get("val/acc1")]
     train = [(int(r["step"]), float(r["train/ce"])) for r in rows if r.get("train/ce")]
     return val, train
 
@@ -112,7 +125,8 @@ def fit(method: str, seed: int, folder: Path, extra: list[str]) -> Run:
     )  # fmt: skip
     curve, train_curve = _curves(cli.trainer.log_dir)
     last = float(cli.trainer.callback_metrics.get("val/acc1", float("nan")))
-    return Run(method, seed, last, max(curve) if curve else last, time.perf_counter() - start, curve, train_curve)
+    best = max(acc for _, acc in curve) if curve else last
+    return Run(method, seed, last, best, time.perf_counter() - start, curve, train_curve)
 
 
 def teacher(retrain: bool, extra: list[str]) -> tuple[Run, str]:
@@ -126,6 +140,9 @@ def teacher(retrain: bool, extra: list[str]) -> tuple[Run, str]:
         cli = run_cli(["validate", *digits_config_args(TEACHER), f"--ckpt_path={TEACHER_CKPT}", "--verbose=false",
                        "--trainer.logger=false", "--trainer.enable_progress_bar=false"])  # fmt: skip
         acc = float(cli.trainer.callback_metrics["val/acc1"])
+        if acc < MIN_TEACHER_TOP1:  # e.g. random weights saved under that name: every row would mean nothing
+            _say(f"{TEACHER_CKPT} scores {100 * acc:.2f} % on the validation split: not a trained teacher; training it")
+            return teacher(True, extra)
         row = Run(TEACHER, 0, acc, acc, time.perf_counter() - start)
         how = "cached (--retrain-teacher trains it again)"
     from lightning_kd.checkpoints import extract_state_dict, load_weights_file
@@ -165,7 +182,7 @@ def format_table(teacher_row: Run, summaries: list[Summary]) -> str:
         best, best_std = summary.stats("best")
         gain = "" if summary.method == STUDENT else f"{mean - base:+.2f}"
         seconds = statistics.mean(r.seconds for r in summary.runs)
-        name = "student alone (resnet8)" if summary.method == STUDENT else summary.method.upper()
+        name = "student alone (resnet8)" if summary.method == STUDENT else display_name(summary.method)
         lines.append(
             f"| {name} | {mean:.2f} +- {std:.2f} | {best:.2f} +- {best_std:.2f} | {gain} | {seconds:.1f} | "
             f"`{command(summary.method, summary.runs[0].seed).replace('--seed_everything=0', '--seed_everything=S')}` |"
@@ -199,9 +216,10 @@ def plot(teacher_row: Run, summaries: list[Summary], path: Path) -> None:
         runs = [r for r in summary.runs if r.curve]
         if runs:
             length = min(len(r.curve) for r in runs)
-            mean_curve = [100 * statistics.mean(r.curve[e] for r in runs) for e in range(length)]
+            epochs = [epoch for epoch, _ in runs[0].curve[:length]]
+            mean_curve = [100 * statistics.mean(r.curve[e][1] for r in runs) for e in range(length)]
             style = {"lw": 2.5, "color": "black"} if summary.method == STUDENT else {"lw": 1}
-            curves.plot(range(1, length + 1), mean_curve, label=summary.method, **style)
+            curves.plot(epochs, mean_curve, label=summary.method, **style)
         first = summary.runs[0]
         if first.train_curve:
             steps, values = zip(*first.train_curve)
