@@ -55,7 +55,7 @@ def _student_features(core: Distillation, batch: dict) -> tuple[Distiller, list,
     (distiller,) = core.distillers
     prepared = dict(batch)
     student = core._run(core.student, core.student_taps, prepared, core.views)
-    teacher = core._teacher_features(prepared, core.views)
+    teacher = core.teacher_features(prepared, core.views)
     return distiller, [student[t] for t in distiller.student_layers], [teacher[t] for t in distiller.teacher_layers]
 
 
