@@ -106,3 +106,19 @@ def test_two_steps_give_finite_logged_losses_and_train_the_parts(make) -> None:
     for key, value in distiller.state_dict().items():
         if value.is_floating_point() and "running" not in key:
             assert not torch.equal(value, before[key]), f"{key} did not train"
+
+
+@pytest.mark.parametrize("cls", [RKD, PKT, SP, CC])
+def test_a_batch_of_one_is_warned_about_once_and_counted(cls, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    module = _module(cls())
+    distiller = module.distillers[0]
+    assert distiller.metrics() == {}
+    with caplog.at_level("WARNING", logger="lightning_kd"):
+        for _ in range(2):
+            terms = module.core.compute_losses(_batch(1))
+    warnings = [r for r in caplog.records if "got a batch of one" in r.getMessage()]
+    assert len(warnings) == 1 and distiller.name.upper() in warnings[0].getMessage().upper()
+    assert distiller.batch_of_one == 2 and float(distiller.metrics()["batch_of_one"]) == 2.0
+    assert torch.isfinite(terms.losses[distiller.name])
+    module.core.compute_losses(_batch(4))
+    assert distiller.batch_of_one == 2  # a batch of four has relations

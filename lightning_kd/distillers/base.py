@@ -226,8 +226,10 @@ class RelationalDistiller(Distiller):
     def gathered_pairs(
         self, student_features: list[Tensor], teacher_features: list[Tensor]
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """The (student, teacher) layer pairs, each gathered as :meth:`gather` does."""
-        return zip(self.gather(student_features), self.gather(teacher_features))
+        """The (student, teacher) layer pairs, each gathered as :meth:`gather` does (in one call: a batch of one
+        is counted once)."""
+        gathered = self.gather([*student_features, *teacher_features])
+        return zip(gathered[: len(student_features)], gathered[len(student_features) :])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_scope={self.batch_scope!r}"

@@ -94,8 +94,9 @@ class MLKD(RelationalDistiller):
             raise ValueError("MLKD needs batch['label'] for the strong view's cross-entropy")
         student_weak, student_strong = student_features
         ce_strong = F.cross_entropy(as_float(student_strong), batch["label"])
-        student_weak, student_strong = self.gather([student_weak, student_strong])
-        teacher_weak, teacher_strong = self.gather(list(teacher_features))
+        student_weak, student_strong, teacher_weak, teacher_strong = self.gather(
+            [student_weak, student_strong, *teacher_features]
+        )
         kd = mlkd_loss(
             student_weak, teacher_weak, student_strong, teacher_strong, self.temperature, self.mask, self.standardize
         )

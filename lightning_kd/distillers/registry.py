@@ -69,7 +69,7 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("ab", _D + "AB", "Heo et al. 2019, Activation Boundaries Formed by Hidden Neurons", "features",
                 {"stage_epochs": 1}),
     MethodEntry("ft", _D + "FT", "Kim et al. 2018, Paraphrasing Complex Network: Factor Transfer", "features",
-                {"stage_epochs": 1}),
+                {"stage_epochs": 1, "stage_lr": 0.01}),  # the reference rate for ResNet students
     MethodEntry("fsp", _D + "FSP", "Yim et al. 2017, A Gift from Knowledge Distillation (FSP)", "features",
                 {"stage_epochs": 1}),
     MethodEntry("nst", _D + "NST", "Huang & Wang 2017, Neuron Selectivity Transfer", "features"),
