@@ -183,3 +183,21 @@ def test_two_nodes_of_one_process_each(tmp_path: Path) -> None:
     for node, (code, out) in enumerate(results):
         assert code == 0, f"node {node} failed:\n{out[-4000:]}"
     _assert_ranks_agree(tmp_path, _checkpoint(tmp_path))
+
+
+@pytest.mark.slow  # two two-process fits: about a minute on 2 cores
+def test_a_resumed_fit_crosses_the_stage_boundary_on_two_processes(tmp_path: Path) -> None:
+    # the first fit ends with AB's initialisation stage; the resumed one must start in the main stage, on both ranks
+    common = ("--model.distillers.init_args.stage_epochs=1", "--trainer.limit_train_batches=3",
+              "--trainer.limit_val_batches=1", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks.save_last=true", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}")  # fmt: skip
+    _fit("ab", tmp_path, *common, "--trainer.max_epochs=1")
+    last = tmp_path / "ckpt" / "last.ckpt"
+    first = torch.load(last, weights_only=True)
+    assert first["lightning_kd"]["stage"] == "ab_init" and first["global_step"] == 3
+    _fit("ab", tmp_path, *common, "--trainer.max_epochs=2", f"--ckpt_path={last}")
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["lightning_kd"]["stage"] == "main" and resumed["global_step"] == 6
+    for r in range(2):
+        stages = json.loads((tmp_path / f"rank{r}.json").read_text())["stages"]
+        assert stages == [[1, "main"]] * 3
