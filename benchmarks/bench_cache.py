@@ -244,11 +244,7 @@ def measure_fits(setup: Setup) -> dict[str, dict[str, Any]]:
         done = {side: harness._expect(conns[side], "done", side) for side in SIDES}
         finished = True
     finally:
-        for proc in procs.values():
-            proc.join(timeout=60 if finished else 1)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        harness.stop_workers(procs.values(), finished)
     return {side: {"times": times[side], **done[side]} for side in SIDES}
 
 
@@ -411,11 +407,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_kd"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)  # noqa: T201
+    if not harness.quiet_and_check_device(args.device):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -442,11 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         except WorkerError as error:
             print(error, file=sys.stderr)  # noqa: T201
             return 1
-    text = render(setup, summarize(setup, build, fits), fits)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print("\n" + text + f"\nwritten to {output}")  # noqa: T201
+    harness.write_report(render(setup, summarize(setup, build, fits), fits), args.output)
     return 0
 
 

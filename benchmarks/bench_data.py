@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from benchmarks.overhead.harness import training_only_trainer  # noqa: E402
+from benchmarks.overhead.harness import quiet_and_check_device, training_only_trainer, write_report  # noqa: E402
 from lightning_kd.data.base import default_num_workers  # noqa: E402
 from lightning_kd.data.cifar import CIFAR100DataModule, cifar100_transforms  # noqa: E402
 
@@ -162,11 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_kd"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)  # noqa: T201
+    if not quiet_and_check_device(args.device):
         return 2
     if args.workers is None:
         settings = sorted({0, 1, default_num_workers(accelerated=True)})
@@ -195,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {round_index + 1}: num_workers={workers}  loader {loader:,.0f} images/s  fit {fit:.2f} steps/s",
                 flush=True,
             )
-    table = format_table(cfg, results)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table)
-    print("\n" + table + f"\nwritten to {output}")  # noqa: T201
+    write_report(format_table(cfg, results), args.output)
     return 0
 
 

@@ -530,11 +530,7 @@ def measure(work: Workload, rows: Sequence[Row], sides: Sequence[str] = MAIN_SID
         done = {i: _expect(conns[i], "done", who(i)) for i in conns}
         finished = True
     finally:
-        for proc in procs.values():
-            proc.join(timeout=60 if finished else 1)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        stop_workers(procs.values(), finished)
     out: dict[str, dict[str, Any]] = {}
     for i, (row, side) in enumerate(workers):
         out.setdefault(row.key, {})[side] = {"times": times[i], "faults": faults[i], **done[i]}
@@ -577,3 +573,41 @@ def run_groups(
         if on_group:
             on_group(group, measured, time.perf_counter() - started)
     return results, group_of
+
+
+def stop_workers(procs: Any, finished: bool) -> None:
+    """Join the worker processes (a minute each after a finished measurement, a second after a failure), killing
+    any that is still alive."""
+    for proc in procs:
+        proc.join(timeout=60 if finished else 1)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def write_report(text: str, output: str) -> None:
+    """Write a benchmark's Markdown report (creating its folder) and print it with where it went."""
+    from pathlib import Path
+
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print("\n" + text + f"\nwritten to {path}")  # noqa: T201 - the benchmark's own report
+
+
+def quiet_and_check_device(device: str) -> bool:
+    """Silence the libraries' warnings and notices in a benchmark's main process; False (with a message) when
+    ``device`` is CUDA and there is none."""
+    import logging
+    import sys
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_kd"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)  # noqa: T201
+        return False
+    return True
