@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from degenerate import ZERO_CASES, finite_with_grad, identical_rows, zero_maps
 from loop_reference import flat, match, unit
 from lightning_kd.functional import at_loss, hint_loss, nst_loss, vid_loss
 
@@ -187,34 +188,20 @@ LOSSES = {
 
 
 def _finite_with_grad(name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    s = s.clone().requires_grad_(True)
-    loss = LOSSES[name](s, t)
-    loss.backward()
-    assert torch.isfinite(loss), f"{name}: loss {loss}"
-    assert s.grad is not None and torch.isfinite(s.grad).all(), f"{name}: gradient {s.grad}"
-    return loss
+    return finite_with_grad(LOSSES[name], name, s, t)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_identical_rows(name: str) -> None:
-    row = torch.randn(1, 3, 4, 4)
-    s, t = row.repeat(4, 1, 1, 1), torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)
+    s, t = identical_rows()
     _finite_with_grad(name, s, t)
     _finite_with_grad(name, s, s.detach())  # coincident student and teacher
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("which", ["student", "teacher", "both", "one_row"])
+@pytest.mark.parametrize("which", ZERO_CASES)
 def test_all_zero_maps(name: str, which: str) -> None:
-    s, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
-    if which in ("student", "both"):
-        s = torch.zeros_like(s)
-    if which in ("teacher", "both"):
-        t = torch.zeros_like(t)
-    if which == "one_row":
-        s[1] = 0.0
-        s[2, 1] = 0.0  # and one all-zero channel
-    _finite_with_grad(name, s, t)
+    _finite_with_grad(name, *zero_maps(which))
 
 
 def test_all_zero_values() -> None:

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from degenerate import ZERO_CASES, finite_with_grad, identical_rows, zero_maps
 from loop_reference import nested, rows, unit
 from lightning_kd.functional import cc_loss, pkt_loss, rkd_loss, sp_loss
 
@@ -240,18 +241,12 @@ MAP_LOSSES = {
 
 
 def _finite_with_grad(name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    s = s.clone().requires_grad_(True)
-    loss = MAP_LOSSES[name](s, t)
-    loss.backward()
-    assert torch.isfinite(loss), f"{name}: loss {loss}"
-    assert s.grad is not None and torch.isfinite(s.grad).all(), f"{name}: gradient {s.grad}"
-    return loss
+    return finite_with_grad(MAP_LOSSES[name], name, s, t)
 
 
 @pytest.mark.parametrize("name", sorted(MAP_LOSSES))
 def test_sp_and_cc_with_identical_rows_are_finite(name: str) -> None:
-    row = torch.randn(1, 3, 4, 4)
-    s, t = row.repeat(4, 1, 1, 1), torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)
+    s, t = identical_rows()
     _finite_with_grad(name, s, t)
     _finite_with_grad(name, s, s.detach())  # coincident student and teacher
 
@@ -263,17 +258,9 @@ def test_sp_identical_rows_value() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MAP_LOSSES))
-@pytest.mark.parametrize("which", ["student", "teacher", "both", "one_row"])
+@pytest.mark.parametrize("which", ZERO_CASES)
 def test_sp_and_cc_with_all_zero_maps_are_finite(name: str, which: str) -> None:
-    s, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
-    if which in ("student", "both"):
-        s = torch.zeros_like(s)
-    if which in ("teacher", "both"):
-        t = torch.zeros_like(t)
-    if which == "one_row":
-        s[1] = 0.0
-        s[2, 1] = 0.0  # and one all-zero channel
-    _finite_with_grad(name, s, t)
+    _finite_with_grad(name, *zero_maps(which))
 
 
 def test_sp_all_zero_value() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from degenerate import ZERO_CASES, finite_with_grad, zero_maps
 from loop_reference import flat, match, nested, unit
 from lightning_kd.functional import ab_loss, fsp_loss, fsp_matrix, ft_loss
 
@@ -221,26 +222,13 @@ LOSSES = {
 
 
 def _finite_with_grad(name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    s = s.clone().requires_grad_(True)
-    loss = LOSSES[name](s, t)
-    loss.backward()
-    assert torch.isfinite(loss), f"{name}: loss {loss}"
-    assert s.grad is not None and torch.isfinite(s.grad).all(), f"{name}: gradient {s.grad}"
-    return loss
+    return finite_with_grad(LOSSES[name], name, s, t)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("which", ["student", "teacher", "both", "one_row"])
+@pytest.mark.parametrize("which", ZERO_CASES)
 def test_all_zero_maps_are_finite(name: str, which: str) -> None:
-    s, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
-    if which in ("student", "both"):
-        s = torch.zeros_like(s)
-    if which in ("teacher", "both"):
-        t = torch.zeros_like(t)
-    if which == "one_row":
-        s[1] = 0.0
-        s[2, 1] = 0.0  # and one all-zero channel
-    _finite_with_grad(name, s, t)
+    _finite_with_grad(name, *zero_maps(which))
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
