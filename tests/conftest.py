@@ -48,3 +48,26 @@ def make_trainer(**overrides):
     )
     options.update(overrides)
     return L.Trainer(**options)
+
+
+#: the input size of the distiller tests' small networks (resnet8 students at 16x16, as on the digits)
+SIZE = (3, 16, 16)
+
+
+def small_module(distiller, teacher: str = "resnet14"):  # noqa: ANN001, ANN201
+    """A seeded resnet8 student distilled from ``teacher`` with one distiller, for 10 classes at :data:`SIZE`."""
+    from lightning_kd import DistillationModule
+
+    torch.manual_seed(0)
+    return DistillationModule("resnet8", teacher, [distiller], num_classes=10, input_size=SIZE)
+
+
+def small_batch(n: int = 8) -> dict[str, torch.Tensor]:
+    """A seeded batch of ``n`` random images at :data:`SIZE` with labels."""
+    torch.manual_seed(1)
+    return {"image": torch.randn(n, *SIZE), "label": torch.randint(0, 10, (n,))}
+
+
+def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

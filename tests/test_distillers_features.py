@@ -11,24 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_trainer
+from conftest import SIZE, make_trainer, small_batch, small_module, state_snapshot
 from lightning_kd import DistillationModule
 from lightning_kd.connectors import HintRegressor, VIDRegressor
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.distillers import AB, AT, FSP, FT, NST, SP, VID, FitNet
 from lightning_kd.functional import at_loss, hint_loss, nst_loss, vid_loss
-
-SIZE = (3, 16, 16)
-
-
-def _module(distiller, teacher: str = "resnet14") -> DistillationModule:
-    torch.manual_seed(0)
-    return DistillationModule("resnet8", teacher, [distiller], num_classes=10, input_size=SIZE)
-
-
-def _batch(n: int = 8) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    return {"image": torch.randn(n, *SIZE), "label": torch.randint(0, 10, (n,))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +80,7 @@ def test_at_and_nst_sum_the_pure_function_over_layers() -> None:
 # VID
 # --------------------------------------------------------------------------------------------------------------
 def test_vid_builds_a_regressor_per_stage_pair_with_variance_five() -> None:
-    module = _module(VID(), teacher="resnet8x4")
+    module = small_module(VID(), teacher="resnet8x4")
     vid = module.distillers[0]
     assert vid.student_layers == vid.teacher_layers == ["stage1", "stage2", "stage3"]
     assert vid.weight == 1.0
@@ -131,9 +119,9 @@ def test_vid_forward_pools_the_student_before_its_regressor_and_sums_layers() ->
 
 
 def test_vid_main_stage_gradient_reaches_student_and_regressors_not_teacher() -> None:
-    module = _module(VID())
+    module = small_module(VID())
     vid = module.distillers[0]
-    terms = module.core.compute_losses(_batch())
+    terms = module.core.compute_losses(small_batch())
     assert set(terms.losses) == {"ce", "vid"} and terms.weights["vid"] == vid.weight
     terms.losses["vid"].backward()
     assert all(p.grad is None for p in module.teacher.parameters())
@@ -198,15 +186,12 @@ def test_fitnet_regresses_then_compares() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # short fits on the digits
 # --------------------------------------------------------------------------------------------------------------
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
 
 @pytest.mark.parametrize("make", [FitNet, AT, NST, VID], ids=["fitnet", "at", "nst", "vid"])
 def test_two_steps_give_finite_logged_losses_and_train_the_parts(make) -> None:
     distiller = make()
-    module = _module(distiller)
-    before = _snapshot(distiller)
+    module = small_module(distiller)
+    before = state_snapshot(distiller)
     trainer = make_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, size=16))
     assert trainer.global_step == 2

@@ -10,23 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_trainer
-from lightning_kd import DistillationModule
+from conftest import make_trainer, small_batch, small_module, state_snapshot
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.distillers import CC, PKT, RKD, SP
 from lightning_kd.functional import cc_loss, pkt_loss, rkd_loss, sp_loss
-
-SIZE = (3, 16, 16)
-
-
-def _module(distiller, teacher: str = "resnet14") -> DistillationModule:
-    torch.manual_seed(0)
-    return DistillationModule("resnet8", teacher, [distiller], num_classes=10, input_size=SIZE)
-
-
-def _batch(n: int = 8) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    return {"image": torch.randn(n, *SIZE), "label": torch.randint(0, 10, (n,))}
 
 
 def test_reference_defaults() -> None:
@@ -76,9 +63,9 @@ def test_cc_embeds_both_sides_with_trainable_linear_maps() -> None:
 
 @pytest.mark.parametrize("make", [RKD, PKT, SP, CC], ids=["rkd", "pkt", "sp", "cc"])
 def test_gradient_reaches_student_and_parts_not_teacher(make) -> None:
-    module = _module(make())
+    module = small_module(make())
     distiller = module.distillers[0]
-    terms = module.core.compute_losses(_batch())
+    terms = module.core.compute_losses(small_batch())
     assert set(terms.losses) == {"ce", distiller.name} and terms.weights[distiller.name] == distiller.weight
     terms.losses[distiller.name].backward()
     assert all(p.grad is None for p in module.teacher.parameters())
@@ -86,15 +73,11 @@ def test_gradient_reaches_student_and_parts_not_teacher(make) -> None:
     assert all(p.grad is not None for p in distiller.main_parameters())
 
 
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 @pytest.mark.parametrize("make", [SP, CC], ids=["sp", "cc"])
 def test_two_steps_give_finite_logged_losses_and_train_the_parts(make) -> None:
     distiller = make()
-    module = _module(distiller)
-    before = _snapshot(distiller)
+    module = small_module(distiller)
+    before = state_snapshot(distiller)
     trainer = make_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, size=16))
     assert trainer.global_step == 2
@@ -110,15 +93,15 @@ def test_two_steps_give_finite_logged_losses_and_train_the_parts(make) -> None:
 
 @pytest.mark.parametrize("cls", [RKD, PKT, SP, CC])
 def test_a_batch_of_one_is_warned_about_once_and_counted(cls, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
-    module = _module(cls())
+    module = small_module(cls())
     distiller = module.distillers[0]
     assert distiller.metrics() == {}
     with caplog.at_level("WARNING", logger="lightning_kd"):
         for _ in range(2):
-            terms = module.core.compute_losses(_batch(1))
+            terms = module.core.compute_losses(small_batch(1))
     warnings = [r for r in caplog.records if "got a batch of one" in r.getMessage()]
     assert len(warnings) == 1 and distiller.name.upper() in warnings[0].getMessage().upper()
     assert distiller.batch_of_one == 2 and float(distiller.metrics()["batch_of_one"]) == 2.0
     assert torch.isfinite(terms.losses[distiller.name])
-    module.core.compute_losses(_batch(4))
+    module.core.compute_losses(small_batch(4))
     assert distiller.batch_of_one == 2  # a batch of four has relations

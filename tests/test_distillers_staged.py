@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_trainer
+from conftest import SIZE, make_trainer, small_batch, small_module, state_snapshot
 from lightning_kd import DistillationModule
 from lightning_kd.connectors import ABConnector, Paraphraser, Translator
 from lightning_kd.data import DigitsDataModule
@@ -21,25 +21,9 @@ from lightning_kd.distillers import AB, FSP, FT, FitNet
 from lightning_kd.distillers.ab import ab_layer_weights
 from lightning_kd.functional import ab_loss, fsp_loss
 
-SIZE = (3, 16, 16)
-
-
-def _module(distiller, teacher: str = "resnet14") -> DistillationModule:
-    torch.manual_seed(0)
-    return DistillationModule("resnet8", teacher, [distiller], num_classes=10, input_size=SIZE)
-
-
-def _batch(n: int = 8) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    return {"image": torch.randn(n, *SIZE), "label": torch.randint(0, 10, (n,))}
-
 
 def _digits() -> DigitsDataModule:
     return DigitsDataModule(size=16, batch_size=16)
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,14 +57,14 @@ def test_ab_layer_weights() -> None:
 
 
 def test_ab_parts_weights_and_loss() -> None:
-    ab = _module(AB(), teacher="resnet8x4").distillers[0]
+    ab = small_module(AB(), teacher="resnet8x4").distillers[0]
     assert ab.student_layers == ab.teacher_layers == ["preact1", "preact2", "preact3"]
     assert ab.layer_weights == [0.25, 0.5, 1.0] and ab.stage_epochs == 30 and not ab.active_in_main
     for connector, (c_s, c_t) in zip(ab.connectors, [(16, 64), (32, 128), (64, 256)]):
         conv, bn = connector.net
         assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (c_s, c_t, (1, 1))
         assert isinstance(bn, nn.BatchNorm2d) and bn.num_features == c_t
-    same = _module(AB()).distillers[0]
+    same = small_module(AB()).distillers[0]
     assert all(isinstance(c, ABConnector) and isinstance(c.net, nn.Identity) for c in same.connectors)
 
     s = [torch.randn(2, 3, 8, 8) for _ in range(3)]
@@ -95,8 +79,8 @@ def test_ab_needs_its_stage() -> None:
 
 
 def test_ab_initialisation_trains_features_not_classifier_then_main_is_ce_alone() -> None:
-    module = _module(AB(stage_epochs=1))
-    fc, features, teacher = _params(module.student.fc), _params(module.student), _snapshot(module.teacher)
+    module = small_module(AB(stage_epochs=1))
+    fc, features, teacher = _params(module.student.fc), _params(module.student), state_snapshot(module.teacher)
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(module, _digits())
     assert module.current_stage.name == "ab_init"
@@ -105,12 +89,12 @@ def test_ab_initialisation_trains_features_not_classifier_then_main_is_ce_alone(
     assert _same(fc, _params(module.student.fc))
     unchanged = [k for k in _unchanged(features, _params(module.student)) if not k.startswith("fc.")]
     assert not unchanged, f"student feature parameters left untouched by AB's stage: {unchanged}"
-    assert _same(teacher, _snapshot(module.teacher))
+    assert _same(teacher, state_snapshot(module.teacher))
 
     # the main stage: cross-entropy alone, no teacher forward, the connectors out of the optimizer
     module.core.set_epoch(module.stages[-1].start_epoch)
     assert module.current_stage.is_main and not module.core.teacher_needed()
-    terms = module.core.compute_losses(_batch())
+    terms = module.core.compute_losses(small_batch())
     assert set(terms.losses) == {"ce"}
     assert list(module.distillers[0].main_parameters()) == []
 
@@ -119,7 +103,7 @@ def test_ab_initialisation_trains_features_not_classifier_then_main_is_ce_alone(
 # FT
 # ----------------------------------------------------------------------------------------------------------
 def test_ft_parts() -> None:
-    ft = _module(FT(), teacher="resnet8x4").distillers[0]
+    ft = small_module(FT(), teacher="resnet8x4").distillers[0]
     assert ft.student_layers == ft.teacher_layers == ["stage3"]
     assert (ft.weight, ft.stage_epochs, ft.p, ft.form) == (200.0, 30, 1, "channel_mean")
     assert isinstance(ft.paraphraser, Paraphraser) and isinstance(ft.translator, Translator)
@@ -146,7 +130,7 @@ def test_ft_parts() -> None:
 
 
 def test_ft_paraphraser_frozen_and_in_eval_mode_from_the_main_stage_on() -> None:
-    module = _module(FT(stage_epochs=1))
+    module = small_module(FT(stage_epochs=1))
     ft = module.distillers[0]
     module.train()
     assert module.current_stage.name == "ft_init" and ft.paraphraser.training
@@ -160,7 +144,7 @@ def test_ft_paraphraser_frozen_and_in_eval_mode_from_the_main_stage_on() -> None
     assert not ft.paraphraser.training and ft.translator.training
     assert _ids(ft.main_parameters()) == _ids(ft.translator.parameters())
     assert not paraphraser & _ids(module.core.stage_parameters(module.current_stage))
-    module.core.compute_losses(_batch()).total.backward()
+    module.core.compute_losses(small_batch()).total.backward()
     assert all(p.grad is None for p in ft.paraphraser.parameters()), "the frozen paraphraser got a gradient"
     assert all(p.grad is not None for p in ft.translator.parameters())
 
@@ -176,7 +160,7 @@ class _Recorder(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
         paraphraser = module.distillers[0].paraphraser
-        self.snapshots["start"] = {"student": _params(module.student), "para": _snapshot(paraphraser)}
+        self.snapshots["start"] = {"student": _params(module.student), "para": state_snapshot(paraphraser)}
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # noqa: ANN001
         self.optimized.setdefault(trainer.current_epoch, set()).update(_stepped(optimizer))
@@ -191,13 +175,13 @@ class _Recorder(L.Callback):
         ft = module.distillers[0]
         self.snapshots[f"epoch{trainer.current_epoch}"] = {
             "student": _params(module.student),
-            "para": _snapshot(ft.paraphraser),
-            "trans": _snapshot(ft.translator),
+            "para": state_snapshot(ft.paraphraser),
+            "trans": state_snapshot(ft.translator),
         }
 
 
 def test_ft_two_stages_through_the_trainer() -> None:
-    module = _module(FT(stage_epochs=1))
+    module = small_module(FT(stage_epochs=1))
     ft = module.distillers[0]
     recorder = _Recorder()
     trainer = make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[recorder])
@@ -219,16 +203,16 @@ def test_ft_two_stages_through_the_trainer() -> None:
 
 
 def test_ft_stage_one_leaves_the_student_batchnorm_statistics_alone() -> None:
-    module = _module(FT(stage_epochs=1))
-    before = _snapshot(module.student)
+    module = small_module(FT(stage_epochs=1))
+    before = state_snapshot(module.student)
     make_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, _digits())
-    assert _same(before, _snapshot(module.student))
+    assert _same(before, state_snapshot(module.student))
 
 
 def test_ft_without_a_stage_trains_student_and_translator_in_the_main_stage() -> None:
-    module = _module(FT(stage_epochs=0))
+    module = small_module(FT(stage_epochs=0))
     ft = module.distillers[0]
-    terms = module.core.compute_losses(_batch())
+    terms = module.core.compute_losses(small_batch())
     assert set(terms.losses) == {"ce", "ft"} and terms.weights["ft"] == ft.weight
     terms.losses["ft"].backward()
     assert all(p.grad is None for p in module.teacher.parameters())
@@ -275,10 +259,10 @@ def test_fsp_refuses_a_pair_with_different_widths() -> None:
 
 
 def test_fsp_initialisation_stage_trains_features_not_classifier() -> None:
-    module = _module(FSP(stage_epochs=1), teacher="resnet8")
+    module = small_module(FSP(stage_epochs=1), teacher="resnet8")
     assert [s.name for s in module.stages] == ["fsp_init", "main"]
-    student_before = _snapshot(module.student)
-    teacher_before = _snapshot(module.teacher)
+    student_before = state_snapshot(module.student)
+    teacher_before = state_snapshot(module.teacher)
     trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(module, _digits())
     assert module.current_stage.name == "fsp_init"
@@ -294,14 +278,14 @@ def test_fsp_initialisation_stage_trains_features_not_classifier() -> None:
 
 
 def test_fsp_main_stage_is_plain_cross_entropy() -> None:
-    module = _module(FSP(stage_epochs=1), teacher="resnet8")
+    module = small_module(FSP(stage_epochs=1), teacher="resnet8")
     module.core.set_epoch(1)
     terms = module.core.compute_losses({"image": torch.randn(4, *SIZE), "label": torch.randint(0, 10, (4,))})
     assert list(terms.losses) == ["ce"] and terms.weights == {"ce": 1.0}
 
 
 def test_fsp_in_main_trains_in_two_steps_with_finite_logged_losses() -> None:
-    module = _module(FSP(stage_epochs=0, in_main=True))
+    module = small_module(FSP(stage_epochs=0, in_main=True))
     trainer = make_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, _digits())
     assert trainer.global_step == 2
@@ -316,7 +300,7 @@ def test_fsp_in_main_trains_in_two_steps_with_finite_logged_losses() -> None:
 # ----------------------------------------------------------------------------------------------------------
 def test_fitnet_hint_stage_trains_the_student_up_to_the_hint_layer() -> None:
     fitnet = FitNet(stage_epochs=1)
-    module = _module(fitnet)
+    module = small_module(fitnet)
     chosen = _ids(fitnet.stage_student_parameters(module.student))
     names = {n for n, p in module.student.named_parameters() if id(p) in chosen}
     upstream = {n for n, _ in module.student.named_parameters() if not n.startswith(("layer3.", "fc."))}
@@ -324,8 +308,8 @@ def test_fitnet_hint_stage_trains_the_student_up_to_the_hint_layer() -> None:
     assert _ids(fitnet.stage_parameters()) == _ids(fitnet.regressor.parameters())
     assert _ids(module.core.stage_parameters(module.current_stage)) == chosen | _ids(fitnet.regressor.parameters())
 
-    student_before = _snapshot(module.student)
-    regressor_before = _snapshot(fitnet.regressor)
+    student_before = state_snapshot(module.student)
+    regressor_before = state_snapshot(fitnet.regressor)
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(module, _digits())
     assert module.current_stage.name == "fitnet_init"
