@@ -71,3 +71,24 @@ def small_batch(n: int = 8) -> dict[str, torch.Tensor]:
 def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_two_steps_train(distiller, positive: bool = True) -> None:  # noqa: ANN001
+    """Two training steps of :func:`small_module` on the digits: the distiller's, the cross-entropy's and the total
+    loss are logged and finite (the distiller's > 0 when ``positive``), and every learnable part of the distiller
+    moved (it is in the optimizer)."""
+    from lightning_kd.data import DigitsDataModule
+
+    module = small_module(distiller)
+    before = state_snapshot(distiller)
+    trainer = make_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, size=16))
+    assert trainer.global_step == 2
+    logged = trainer.callback_metrics
+    for key in (f"train/{distiller.name}", "train/ce", "train/loss"):
+        assert key in logged and torch.isfinite(logged[key]), (key, dict(logged))
+    if positive:
+        assert logged[f"train/{distiller.name}"] > 0
+    for key, value in distiller.state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            assert not torch.equal(value, before[key]), f"{key} did not train"

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_trainer, small_batch, small_module, state_snapshot
-from lightning_kd.data import DigitsDataModule
+from conftest import assert_two_steps_train, small_batch, small_module
 from lightning_kd.distillers import CC, PKT, RKD, SP
 from lightning_kd.functional import cc_loss, pkt_loss, rkd_loss, sp_loss
 
@@ -75,20 +74,7 @@ def test_gradient_reaches_student_and_parts_not_teacher(make) -> None:
 
 @pytest.mark.parametrize("make", [SP, CC], ids=["sp", "cc"])
 def test_two_steps_give_finite_logged_losses_and_train_the_parts(make) -> None:
-    distiller = make()
-    module = small_module(distiller)
-    before = state_snapshot(distiller)
-    trainer = make_trainer(max_steps=2, limit_val_batches=0)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, size=16))
-    assert trainer.global_step == 2
-    logged = trainer.callback_metrics
-    for key in (f"train/{distiller.name}", "train/ce", "train/loss"):
-        assert key in logged and torch.isfinite(logged[key]), (key, dict(logged))
-    assert logged[f"train/{distiller.name}"] > 0
-    # learnable parts are in the optimizer
-    for key, value in distiller.state_dict().items():
-        if value.is_floating_point() and "running" not in key:
-            assert not torch.equal(value, before[key]), f"{key} did not train"
+    assert_two_steps_train(make())
 
 
 @pytest.mark.parametrize("cls", [RKD, PKT, SP, CC])
