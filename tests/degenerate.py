@@ -1,10 +1,11 @@
-"""Degenerate inputs shared by the loss tests of every family: all-zero maps, identical rows, and the check that a
-loss and its gradient stay finite on them."""
+"""Degenerate inputs shared by the loss tests of every family (all-zero maps, identical rows) with the check that a
+loss and its gradient stay finite on them, and the check that a loss stays fp32 under bf16 autocast."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 #: which side of a (student, teacher) pair of maps is all zero
@@ -38,3 +39,17 @@ def zero_maps(which: str) -> tuple[torch.Tensor, torch.Tensor]:
 def identical_rows() -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of four copies of one student map and four copies of one teacher map."""
     return torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1), torch.randn(1, 3, 4, 4).repeat(4, 1, 1, 1)
+
+
+def assert_fp32_under_bf16_autocast(loss_fn: Callable) -> None:
+    """Under CPU bf16 autocast ``loss_fn`` returns fp32, equal to the fp32 computation on the same inputs (its matrix
+    products stay fp32), and on bf16 inputs only their rounding is lost."""
+    s, t = torch.randn(4, 3, 4, 4) * 10, torch.randn(4, 3, 4, 4) * 10
+    reference = loss_fn(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same_inputs = loss_fn(s, t)
+        low_inputs = loss_fn(s.bfloat16(), t.bfloat16())
+    assert same_inputs.dtype == torch.float32 and low_inputs.dtype == torch.float32
+    assert torch.isfinite(low_inputs)
+    assert same_inputs.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert low_inputs.item() == pytest.approx(reference.item(), rel=0.1, abs=1e-3)

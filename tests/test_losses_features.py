@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from degenerate import ZERO_CASES, finite_with_grad, identical_rows, zero_maps
+from degenerate import ZERO_CASES, assert_fp32_under_bf16_autocast, finite_with_grad, identical_rows, zero_maps
 from loop_reference import flat, match, unit
 from lightning_kd.functional import at_loss, hint_loss, nst_loss, vid_loss
 
@@ -218,16 +218,7 @@ def test_all_zero_values() -> None:
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["hint", "at", "nst"])
 def test_bf16_autocast_keeps_the_matrix_products_in_fp32(name: str) -> None:
-    s, t = torch.randn(4, 3, 4, 4) * 10, torch.randn(4, 3, 4, 4) * 10
-    reference = LOSSES[name](s, t)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        same_inputs = LOSSES[name](s, t)
-        low_inputs = LOSSES[name](s.bfloat16(), t.bfloat16())
-    assert same_inputs.dtype == torch.float32 and low_inputs.dtype == torch.float32
-    assert torch.isfinite(low_inputs)
-    assert same_inputs.item() == pytest.approx(reference.item(), rel=1e-5)
-    # bf16 inputs only lose their input rounding
-    assert low_inputs.item() == pytest.approx(reference.item(), rel=0.1, abs=1e-3)
+    assert_fp32_under_bf16_autocast(LOSSES[name])
 
 
 def test_vid_under_bf16_autocast_is_computed_in_fp32() -> None:

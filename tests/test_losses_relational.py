@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from degenerate import ZERO_CASES, finite_with_grad, identical_rows, zero_maps
+from degenerate import ZERO_CASES, assert_fp32_under_bf16_autocast, finite_with_grad, identical_rows, zero_maps
 from loop_reference import nested, rows, unit
 from lightning_kd.functional import cc_loss, pkt_loss, rkd_loss, sp_loss
 
@@ -284,14 +284,4 @@ def test_rkd_and_pkt_under_bf16_autocast_are_computed_in_fp32(fn) -> None:
 
 @pytest.mark.parametrize("name", sorted(MAP_LOSSES))
 def test_sp_and_cc_under_bf16_autocast_are_computed_in_fp32(name: str) -> None:
-    s, t = torch.randn(4, 3, 4, 4) * 10, torch.randn(4, 3, 4, 4) * 10
-    reference = MAP_LOSSES[name](s, t)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        same_inputs = MAP_LOSSES[name](s, t)
-        low_inputs = MAP_LOSSES[name](s.bfloat16(), t.bfloat16())
-    assert same_inputs.dtype == torch.float32 and low_inputs.dtype == torch.float32
-    assert torch.isfinite(low_inputs)
-    # the matrix products stay in fp32 under autocast
-    assert same_inputs.item() == pytest.approx(reference.item(), rel=1e-5)
-    # bf16 inputs only lose their input rounding
-    assert low_inputs.item() == pytest.approx(reference.item(), rel=0.1, abs=1e-3)
+    assert_fp32_under_bf16_autocast(MAP_LOSSES[name])
